@@ -1,0 +1,1 @@
+"""Flax NNX layers; each wraps one kernel op (docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Pallas kernels for hybrid sequence models: KDA, sliding-window attention, TTT memory."""
