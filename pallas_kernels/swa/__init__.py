@@ -1,0 +1,97 @@
+"""Sliding-window flash attention with sinks, GQA and packed segments.
+
+    from pallas_kernels.swa import swa_attention
+    o = swa_attention(q, k, v, window=4096, sinks=0, segment_ids=None)
+
+See ``reference.py`` for the exact visibility rule every backend implements.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.swa.reference import swa_attention_reference
+
+BACKENDS = ("auto", "pallas_gpu", "pallas_tpu", "interpret", "reference")
+
+
+def _check_int(name, value, minimum, fix):
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+            if isinstance(value, np.integer):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"swa_attention: `{name}` must be a Python int, got "
+                            f"{type(value).__name__} ({value!r}); {fix}") from None
+    if value < minimum:
+        raise ValueError(f"swa_attention: `{name}` must be >= {minimum}, got {value}; {fix}")
+    return value
+
+
+def validate(q, k, v, *, window, sinks, segment_ids, scale, backend):
+    """Checks every argument; returns (window, sinks) as ints."""
+    window = _check_int("window", window, 1,
+                        "use window >= T for full causal attention")
+    sinks = _check_int("sinks", sinks, 0, "use sinks=0 for no sink tokens")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"swa_attention: `{name}` must be 4-D [batch, time, heads, head_dim], "
+                             f"got shape {getattr(x, 'shape', None)}")
+    if k.shape != v.shape:
+        raise ValueError(f"swa_attention: `k` {k.shape} and `v` {v.shape} must have the same shape")
+    b, t, hq, d = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, t, d):
+        raise ValueError(f"swa_attention: `k` shape {k.shape} must match `q` shape {q.shape} in "
+                         "batch, time and head_dim (only the head count may differ, for GQA)")
+    hkv = k.shape[2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"swa_attention: the kv head count of `k`/`v` ({hkv}) must divide the "
+                         f"query head count of `q` ({hq}) (grouped-query attention)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"swa_attention: `q`, `k`, `v` must share one dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}; cast them before the call")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"swa_attention: `q` must be a floating dtype, got {q.dtype}")
+    if segment_ids is not None:
+        if getattr(segment_ids, "shape", None) != (b, t):
+            raise ValueError(f"swa_attention: `segment_ids` must have shape [batch, time] = "
+                             f"{(b, t)}, got {getattr(segment_ids, 'shape', None)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise TypeError(f"swa_attention: `segment_ids` must be integer, got {segment_ids.dtype}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"swa_attention: `scale` must be a Python float or None, got "
+                        f"{type(scale).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"swa_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
+    return window, sinks
+
+
+def swa_attention(q, k, v, *, window, sinks=0, segment_ids=None, scale=None, backend="auto"):
+    """Causal attention over the last `window` tokens plus `sinks` first tokens per document.
+
+    Args:
+      q: [B, T, Hq, D] queries.
+      k, v: [B, T, Hkv, D] keys and values; Hkv divides Hq (grouped-query attention).
+      window: keys t-window+1 .. t are visible to query t (window >= T: full causal).
+      sinks: the first `sinks` tokens of the query's document stay visible.
+      segment_ids: optional int [B, T]; a document is a run of equal ids, 0 = padding
+        (its own run, so padded rows stay finite). Queries never see other documents.
+      scale: logit scale, default D ** -0.5.
+      backend: "auto" | "pallas_gpu" | "pallas_tpu" | "interpret" | "reference".
+
+    Returns:
+      o: [B, T, Hq, D] in q.dtype.
+    """
+    window, sinks = validate(q, k, v, window=window, sinks=sinks, segment_ids=segment_ids,
+                             scale=scale, backend=backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # Until the Pallas kernels land every backend computes the oracle.
+    return swa_attention_reference(q, k, v, window=window, sinks=sinks,
+                                   segment_ids=segment_ids, scale=scale)
+
+
+__all__ = ["swa_attention", "swa_attention_reference", "BACKENDS"]
