@@ -1,0 +1,276 @@
+"""The Qwen3 teacher as one generic decoder (`DecoderLM`) whose blocks take any mixer.
+
+A `DecoderLM` is embeddings, a list of `DecoderBlock(mixer, mlp, input_norm, post_attention_norm)`,
+a final RMSNorm and an lm_head (tied to the embeddings or not). The Qwen3 teacher is a DecoderLM
+whose mixers are all `Attention`; hybrid students pass their own per-layer mixers, or replace
+`model.blocks[i].mixer` after construction. Mixers follow docs/architecture.md's contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import FrozenDict
+
+from hybrid_jax.layers.attention import Attention
+from hybrid_jax.layers.mlp import SwiGLU
+from hybrid_jax.layers.norms import RMSNorm
+from hybrid_jax.layers.params import param
+from hybrid_jax.layers.rope import ROPE_TYPES, rope_type
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype_name(d) -> str:
+    name = d if isinstance(d, str) else jnp.dtype(d).name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """Qwen3 hyper-parameters (HF names), plus compute `dtype`, storage `param_dtype` and `remat`."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 1_000_000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    max_position_embeddings: int = 40960
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 151643
+    eos_token_id: int | tuple[int, ...] | None = 151645
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    model_type = "qwen3"
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+        object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"Qwen3Config: num_attention_heads={self.num_attention_heads} must be a multiple "
+                             f"of num_key_value_heads={self.num_key_value_heads}")
+        if rope_type(self.rope_scaling) not in ROPE_TYPES:
+            raise ValueError(f"Qwen3Config: rope_scaling type {rope_type(self.rope_scaling)!r} is not supported; "
+                             f"use one of {ROPE_TYPES}")
+
+    def __hash__(self):  # rope_scaling is a dict; the config is a static part of the model graph
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+    @property
+    def jnp_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def jnp_param_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **kw) -> Qwen3Config:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], **overrides) -> Qwen3Config:
+        """From a transformers config dict (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        model_type = d.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(f"Qwen3Config.from_hf: model_type {model_type!r} is not {cls.model_type!r}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"Qwen3Config.from_hf: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("use_sliding_window"):
+            raise ValueError("Qwen3Config.from_hf: use_sliding_window=true is not supported for the teacher")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or d.get("rope_theta", 10000.0)
+        rope.pop("partial_rotary_factor", None)
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        scaling = rope if rope_type(rope) != "default" else None
+        heads = d["num_attention_heads"]
+        kw = dict(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads, rope_theta=float(theta), rope_scaling=scaling,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=d.get("attention_bias", False),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            initializer_range=d.get("initializer_range", 0.02), bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers 4.51+ and 5.x load as Qwen3ForCausalLM."""
+        scaling = dict(self.rope_scaling) if self.rope_scaling else None
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range, "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None,
+            "rope_theta": self.rope_theta, "rope_scaling": scaling,
+            "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": self.rope_theta},
+            "bos_token_id": self.bos_token_id, "eos_token_id": eos, "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype, "use_cache": True,
+        }
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] float32 (or [B, 1, V] with logits="last")
+    cache: list[dict] | None  # updated per-layer caches when a cache was passed
+    hidden_states: tuple[jax.Array, ...] | None  # residual entering each block, then the final residual (pre-norm)
+    mixer_inputs: tuple[jax.Array, ...] | None  # normalised input of each block's mixer
+    mixer_outputs: tuple[jax.Array, ...] | None  # each mixer's output (before the residual add)
+
+
+class DecoderBlock(nnx.Module):
+    """`x + mixer(input_norm(x))`, then `x + mlp(post_attention_norm(x))`."""
+
+    def __init__(self, mixer: nnx.Module, mlp: nnx.Module, input_norm: nnx.Module, post_attention_norm: nnx.Module):
+        self.mixer = mixer
+        self.mlp = mlp
+        self.input_norm = input_norm
+        self.post_attention_norm = post_attention_norm
+
+    def __call__(self, x, *, positions, segment_ids, cache=None):
+        """Returns (x_out, new_cache, mixer_input, mixer_output)."""
+        h = self.input_norm(x)
+        y, new_cache = self.mixer(h, positions=positions, segment_ids=segment_ids, cache=cache)
+        x = x + y.astype(x.dtype)
+        x = x + self.mlp(self.post_attention_norm(x)).astype(x.dtype)
+        return x, new_cache, h, y
+
+
+def default_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment (counting only real tokens); padding gets 0."""
+    b, t = segment_ids.shape
+    real = segment_ids != 0
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    # Segment of the previous real token (padding holes do not start a new document).
+    last_real = jax.lax.cummax(jnp.where(real, idx, -1), axis=1)
+    prev = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), last_real[:, :-1]], axis=1)
+    prev_seg = jnp.where(prev >= 0, jnp.take_along_axis(segment_ids, jnp.maximum(prev, 0), axis=1), -1)
+    start = real & (segment_ids != prev_seg)
+    count = jnp.cumsum(real.astype(jnp.int32), axis=1) - 1
+    first = jax.lax.cummax(jnp.where(start, count, 0), axis=1)
+    return jnp.where(real, count - first, 0).astype(jnp.int32)
+
+
+def fold_segment_ids(input_ids, attention_mask=None, segment_ids=None) -> jax.Array:
+    """segment_ids (default 1) times the attention mask: 0 marks padding."""
+    seg = jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if attention_mask is not None:
+        seg = seg * (attention_mask != 0).astype(jnp.int32)
+    return seg
+
+
+class DecoderLM(nnx.Module):
+    """Embeddings + `DecoderBlock`s + final norm + lm_head. Qwen3 when every mixer is `Attention`."""
+
+    def __init__(self, config: Qwen3Config, mixers: Sequence[nnx.Module] | None = None, *, rngs: nnx.Rngs,
+                 generation_config: Mapping[str, Any] | None = None):
+        c = config
+        if mixers is None:
+            mixers = [Attention.from_config(c, rngs=rngs) for _ in range(c.num_hidden_layers)]
+        if len(mixers) != c.num_hidden_layers:
+            raise ValueError(f"DecoderLM: got {len(mixers)} mixers for num_hidden_layers={c.num_hidden_layers}")
+        dt, pdt = c.jnp_dtype, c.jnp_param_dtype
+        init = nnx.initializers.normal(c.initializer_range)
+        self.config = c
+        self.embed = param(rngs, init, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pdt)
+
+        def norm(dim):
+            return RMSNorm(dim, eps=c.rms_norm_eps, dtype=dt, param_dtype=pdt)
+
+        self.blocks = nnx.List([
+            DecoderBlock(m, SwiGLU(c.hidden_size, c.intermediate_size, dtype=dt, param_dtype=pdt,
+                                   init_std=c.initializer_range, rngs=rngs),
+                         norm(c.hidden_size), norm(c.hidden_size))
+            for m in mixers
+        ])
+        self.norm = norm(c.hidden_size)
+        self.lm_head = None if c.tie_word_embeddings else param(
+            rngs, init, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pdt)
+        if generation_config is None:
+            generation_config = {k: getattr(c, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        self.generation_config = FrozenDict(generation_config)
+
+    def lm_head_weight(self) -> jax.Array:
+        """[D, V] output projection (the transposed embeddings when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
+        dt = self.config.jnp_dtype
+        return jnp.einsum("...d,dv->...v", h.astype(dt), self.lm_head_weight().astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
+        """Logits [B, T, V] (float32)."""
+        return self.forward(input_ids, attention_mask, **kwargs).logits
+
+    def forward(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, cache=None,
+                output_hidden_states: bool = False, output_mixer_io: bool = False,
+                logits: str = "all") -> ModelOutput:
+        """Full forward. `logits`: "all", "last" (only the last position, for prefill) or "none".
+
+        With a cache, pass `positions` (generation does); the default restarts at 0 per segment,
+        which is only right for the first call on an empty cache.
+        """
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"forward: logits={logits!r}; use 'all', 'last' or 'none'")
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"forward: cache has {len(cache)} layers, the model {len(self.blocks)}")
+        seg = fold_segment_ids(input_ids, attention_mask, segment_ids)
+        if positions is None:
+            positions = default_positions(seg)
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.config.jnp_dtype)
+        hidden, m_in, m_out, new_cache = [], [], [], []
+        for i, block in enumerate(self.blocks):
+            hidden.append(x)
+            layer_cache = None if cache is None else cache[i]
+            if self.config.remat and cache is None:
+                x, c, h, y = nnx.remat(lambda blk, x_, p_, s_: blk(x_, positions=p_, segment_ids=s_))(
+                    block, x, positions, seg)
+            else:
+                x, c, h, y = block(x, positions=positions, segment_ids=seg, cache=layer_cache)
+            new_cache.append(c)
+            m_in.append(h)
+            m_out.append(y)
+        hidden.append(x)
+        h_final = self.norm(x if logits != "last" else x[:, -1:])
+        return ModelOutput(
+            logits=None if logits == "none" else self.logits(h_final),
+            cache=None if cache is None else new_cache,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            mixer_inputs=tuple(m_in) if output_mixer_io else None,
+            mixer_outputs=tuple(m_out) if output_mixer_io else None,
+        )
+
+
+def Qwen3(config: Qwen3Config, *, rngs: nnx.Rngs | None = None, **kwargs) -> DecoderLM:
+    """The Qwen3 teacher: a DecoderLM with an `Attention` mixer in every block (random init)."""
+    return DecoderLM(config, rngs=rngs or nnx.Rngs(0), **kwargs)
