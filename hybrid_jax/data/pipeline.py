@@ -1,0 +1,300 @@
+"""Training batches from a mixture of sources: grain index pipeline + tokenising + packing.
+
+    it = make_batches(cfg.data, tokenizer, seq_len=512, batch_size=8, seed=0)
+    batch = next(it)          # {input_ids, segment_ids, positions, loss_mask}: [8, 512]
+    state = it.get_state()    # small JSON-able dict; save it with the checkpoint
+    it.set_state(state)       # resume: the next batches are exactly those that followed
+
+Index side (grain `MapDataset`): each source is sharded across hosts
+(`shard=(process_index, process_count)`, disjoint records per host), shuffled with its own
+seed (reshuffled every epoch), repeated forever, and the sources are mixed by weight.
+Record i of the mixed stream is a pure function of (config, seed, shard, i), so the
+iterator state is just the stream position plus the packer's offset into a split document
+(`packing.PackState`): resuming re-reads nothing it does not need.
+
+Record side: a record with `messages` (or `prompt` + `completion`) is a chat, rendered
+with the chat template and masked per `loss_mask`; a record with `text` is a document
+trained on every token and ended with `<|endoftext|>`. Records are tokenised in blocks
+(one batched call to the fast tokenizer) and packed by `packing.pack_rows`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+
+from hybrid_jax.data import chat, packing, sources
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "loss_mask": "completion",  # chats: "completion" (assistant turns) or "all"
+    "chat_template": "tokenizer",  # or "builtin" (Qwen3-style, for tokenizers without one)
+    "overlong": "split",  # documents longer than seq_len: "split" or "drop"
+    "shuffle": True,
+    "append_eos": True,  # end text documents with <|endoftext|>
+}
+ENCODE_BLOCK = 256  # records tokenised per batched tokenizer call
+
+
+def _grain():
+    try:
+        import grain
+    except ImportError as e:
+        raise ImportError("hybrid_jax.data pipelines need the 'grain' package (pip install "
+                          "grain; on the GPU machine install the wheel from .whl/)") from e
+    return grain
+
+
+def _as_dict(cfg) -> dict:
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):  # ml_collections.ConfigDict
+        return cfg.to_dict()
+    return dict(cfg)
+
+
+def _settings(cfg: dict) -> dict:
+    s = {k: cfg.get(k, v) for k, v in DEFAULTS.items()}
+    if s["loss_mask"] not in chat.LOSS_MASKS:
+        raise ValueError(f"data.loss_mask={s['loss_mask']!r}: choose from {chat.LOSS_MASKS}")
+    if s["chat_template"] not in chat.CHAT_TEMPLATES:
+        raise ValueError(f"data.chat_template={s['chat_template']!r}: choose from "
+                         f"{chat.CHAT_TEMPLATES}")
+    if s["overlong"] not in packing.OVERLONG:
+        raise ValueError(f"data.overlong={s['overlong']!r}: choose from {packing.OVERLONG}")
+    return s
+
+
+def _source_specs(cfg: dict) -> list[dict]:
+    specs = [_as_dict(s) for s in (cfg.get("sources") or [])]
+    if not specs:
+        raise ValueError("data.sources is empty: list at least one source, e.g. "
+                         "[{'kind': 'jsonl', 'path': 'train.jsonl'}]")
+    for i, s in enumerate(specs):
+        w = s.get("weight", 1.0)
+        if not isinstance(w, (int, float)) or not w > 0:
+            raise ValueError(f"data.sources[{i}].weight={w!r}: mixture weights must be > 0 "
+                             "(remove the source to leave it out)")
+        m = s.get("loss_mask")
+        if m is not None and m not in chat.LOSS_MASKS:
+            raise ValueError(f"data.sources[{i}].loss_mask={m!r}: choose from {chat.LOSS_MASKS}")
+    return specs
+
+
+class RecordEncoder:
+    """Records -> (ids, mask) documents, per their source's settings."""
+
+    def __init__(self, tokenizer, specs: list[dict], settings: dict):
+        self.tokenizer = tokenizer
+        self.specs = specs
+        self.settings = settings
+
+    def _kind(self, k: int, record: Mapping):
+        spec = self.specs[k]
+        mf, tf = spec.get("messages_field", "messages"), spec.get("text_field", "text")
+        if mf in record:
+            return "chat", record[mf]
+        if "prompt" in record and "completion" in record:
+            return "chat", [{"role": "user", "content": record["prompt"]},
+                            {"role": "assistant", "content": record["completion"]}]
+        if tf in record:
+            if not isinstance(record[tf], str):
+                raise ValueError(f"data.sources[{k}] field {tf!r} must be a string, got "
+                                 f"{type(record[tf]).__name__}")
+            return "text", record[tf]
+        raise ValueError(f"data.sources[{k}] ({spec.get('kind')}): record has fields "
+                         f"{sorted(record)}, none of {mf!r}, {tf!r} or 'prompt'+'completion'; "
+                         "set the source's 'text_field' or 'messages_field'")
+
+    def __call__(self, tagged: list[tuple[int, Mapping]]):
+        out = [None] * len(tagged)
+        groups: dict[tuple, list[int]] = {}
+        payload = []
+        for j, (k, record) in enumerate(tagged):
+            kind, value = self._kind(k, record)
+            mask = self.specs[k].get("loss_mask") or self.settings["loss_mask"]
+            groups.setdefault((kind, mask if kind == "chat" else "all"), []).append(j)
+            payload.append(value)
+        for (kind, mask), js in groups.items():
+            if kind == "text":
+                docs = chat.encode_text(self.tokenizer, [payload[j] for j in js],
+                                        append_eos=self.settings["append_eos"])
+            else:
+                docs = chat.encode_chats(self.tokenizer, [payload[j] for j in js],
+                                         loss_mask=mask,
+                                         chat_template=self.settings["chat_template"])
+            for j, d in zip(js, docs):
+                out[j] = d
+        return out
+
+
+def build_stream(cfg, seed: int = 0, shard: tuple[int, int] = (0, 1)):
+    """The infinite grain MapDataset of (source number, record), mixed by weight."""
+    grain = _grain()
+    cfg = _as_dict(cfg)
+    specs = _source_specs(cfg)
+    settings = _settings(cfg)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard={shard}: need 0 <= process_index < process_count")
+    streams = []
+    for k, spec in enumerate(specs):
+        src = sources.open_source(spec)
+        if len(src) < count:
+            raise ValueError(f"data.sources[{k}] has {len(src)} records, fewer than the "
+                             f"{count} hosts sharing it")
+        ds = grain.MapDataset.source(src)[index::count]
+        if settings["shuffle"]:
+            ds = ds.shuffle(seed=(seed * 1_000_003 + k) % 2**31)
+        ds = ds.repeat().map(lambda r, k=k: (k, r))
+        streams.append(ds)
+    if len(streams) == 1:
+        return streams[0], specs, settings
+    weights = [float(s.get("weight", 1.0)) for s in specs]
+    return grain.MapDataset.mix(streams, weights), specs, settings
+
+
+class BatchIterator:
+    """Packed batches with exact save / restore (see module doc). `prefetch` > 0 builds
+    that many batches ahead in a background thread; the state always describes the batches
+    already returned."""
+
+    def __init__(self, stream, encoder: RecordEncoder, seq_len: int, batch_size: int,
+                 overlong: str, pad_id: int, fingerprint: str, prefetch: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        self._stream, self._encode = stream, encoder
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self._overlong, self._pad_id = overlong, pad_id
+        self._fingerprint = fingerprint
+        self._prefetch = prefetch
+        self._state = packing.PackState()
+        self._cache_start, self._cache = 0, []
+        self._thread = None
+
+    # ---- documents ------------------------------------------------------------------
+    def _doc(self, i: int):
+        j = i - self._cache_start
+        if not 0 <= j < len(self._cache):
+            self._cache_start = i
+            self._cache = self._encode([self._stream[i + t] for t in range(ENCODE_BLOCK)])
+            j = 0
+        return self._cache[j]
+
+    def _next_batch(self, state):
+        return packing.pack_rows(self._doc, state, self.batch_size, self.seq_len,
+                                 overlong=self._overlong, pad_id=self._pad_id)
+
+    # ---- prefetching ----------------------------------------------------------------
+    def _start(self):
+        q, stop = queue.Queue(maxsize=self._prefetch), threading.Event()
+
+        def work(state):
+            try:
+                while not stop.is_set():
+                    batch, state = self._next_batch(state)
+                    while not stop.is_set():
+                        try:
+                            q.put((batch, state), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            except BaseException as e:  # surfaced in __next__
+                q.put((e, None))
+
+        t = threading.Thread(target=work, args=(self._state,), daemon=True)
+        t.start()
+        self._thread = (t, q, stop)
+
+    def _stop(self):
+        if self._thread is not None:
+            t, _, stop = self._thread
+            stop.set()
+            t.join()
+            self._thread = None
+
+    # ---- iterator protocol ----------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._prefetch <= 0:
+            batch, self._state = self._next_batch(self._state)
+            return batch
+        if self._thread is None:
+            self._start()
+        batch, state = self._thread[1].get()
+        if isinstance(batch, BaseException):
+            self._thread = None
+            raise batch
+        self._state = state
+        return batch
+
+    def get_state(self) -> dict:
+        return {"fingerprint": self._fingerprint, **self._state.to_dict()}
+
+    def set_state(self, state: Mapping):
+        if state.get("fingerprint") != self._fingerprint:
+            raise ValueError("data iterator state was saved by a pipeline with a different "
+                             "configuration (sources, seed, shard, seq_len, batch_size or "
+                             "tokenizer); restore it into the same configuration")
+        self._stop()
+        self._state = packing.PackState.from_dict(state)
+        self._cache_start, self._cache = 0, []
+
+    @property
+    def stats(self) -> dict:
+        """Counters for the logs: documents, overlong_split, overlong_dropped, ..."""
+        d = self._state.to_dict()
+        d.pop("offset")
+        d["records_read"] = d.pop("index")
+        return d
+
+    def close(self):
+        self._stop()
+
+
+def _fingerprint(cfg, tokenizer, seq_len, batch_size, seed, shard) -> str:
+    blob = json.dumps({"cfg": _as_dict(cfg), "vocab": len(tokenizer), "seq_len": seq_len,
+                       "batch_size": batch_size, "seed": seed, "shard": list(shard),
+                       "tokenizer": getattr(tokenizer, "name_or_path", "")},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_batches(cfg, tokenizer, seq_len: int, batch_size: int, seed: int = 0,
+                 shard: tuple[int, int] | None = None, prefetch: int = 2) -> BatchIterator:
+    """Packed training batches from `cfg` (the `data` section: `sources` and the keys in
+    `DEFAULTS`; see docs/data.md). `tokenizer` is an HF tokenizer or a path to one;
+    `shard` defaults to (jax.process_index(), jax.process_count())."""
+    if isinstance(tokenizer, str):
+        from hybrid_jax.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    if shard is None:
+        import jax
+
+        shard = (jax.process_index(), jax.process_count())
+    stream, specs, settings = build_stream(cfg, seed, shard)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return BatchIterator(stream, RecordEncoder(tokenizer, specs, settings), seq_len,
+                         batch_size, settings["overlong"], pad_id,
+                         _fingerprint(cfg, tokenizer, seq_len, batch_size, seed, shard),
+                         prefetch)
+
+
+def iter_records(spec: Mapping):
+    """Every record of one source once, in order (for evaluation sets)."""
+    src = sources.open_source(spec)
+    for i in range(len(src)):
+        yield src[i]
+
+
+__all__ = ["make_batches", "BatchIterator", "build_stream", "iter_records", "DEFAULTS"]
