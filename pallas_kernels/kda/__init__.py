@@ -1,0 +1,89 @@
+"""Kimi Delta Attention: public ops and backend dispatch.
+
+    chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+              use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, backend="auto")
+        -> (o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)
+    fused_recurrent_kda(...same...)   decode path: one or a few tokens, state in and out
+    kda_gate(g_raw, A_log, dt_bias=None, lower_bound=None) -> g float32
+
+Backends: "auto" (Pallas on GPU / TPU, the chunked jnp oracle elsewhere), "pallas_gpu"
+(Pallas Triton), "pallas_tpu" (Pallas Mosaic TPU), "interpret" (the GPU kernel bodies run
+by the Pallas interpreter, for CPU tests), "reference" (the chunked jnp oracle).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.kda.gate import kda_gate
+from pallas_kernels.kda.reference import chunk_kda_reference, recurrent_kda_reference
+from pallas_kernels.kda.validate import validate_kda_inputs
+
+__all__ = ["chunk_kda", "fused_recurrent_kda", "kda_gate"]
+
+
+def resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    platform = jax.default_backend()
+    if platform == "gpu" or platform == "cuda":
+        return "pallas_gpu"
+    if platform == "tpu":
+        return "pallas_tpu"
+    return "reference"
+
+
+def _tpu_kernel():
+    try:
+        from pallas_kernels.kda.chunk_tpu import chunk_kda_tpu
+    except ImportError as e:  # the Mosaic TPU kernel lives in its own module
+        raise NotImplementedError(
+            "chunk_kda: backend='pallas_tpu' needs pallas_kernels/kda/chunk_tpu.py "
+            f"(chunk_kda_tpu), which could not be imported ({e}). Use backend='reference'."
+        ) from e
+    return chunk_kda_tpu
+
+
+def chunk_kda(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+    use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, backend="auto",
+):
+    """Chunkwise-parallel KDA over a whole sequence (training / prefill).
+
+    q, k [B,T,H,K]; v [B,T,H,V]; g [B,T,H,K] per-channel log-decay (<= 0); beta [B,T,H];
+    initial_state [B,H,K,V] float32; segment_ids [B,T] int (state reset at every change;
+    the initial state belongs to the first token's segment). scale defaults to K**-0.5.
+    """
+    validate_kda_inputs("chunk_kda", q, k, v, g, beta, initial_state=initial_state,
+                        segment_ids=segment_ids, chunk_size=chunk_size, backend=backend,
+                        scale=scale)
+    kwargs = dict(scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state,
+                  use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                  segment_ids=segment_ids, chunk_size=chunk_size)
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return chunk_kda_reference(q, k, v, g, beta, **kwargs)
+    if backend == "pallas_tpu":
+        return _tpu_kernel()(q, k, v, g, beta, **kwargs)
+    from pallas_kernels.kda.chunk_gpu import chunk_kda_gpu
+    return chunk_kda_gpu(q, k, v, g, beta, interpret=(backend == "interpret"), **kwargs)
+
+
+def fused_recurrent_kda(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+    use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, backend="auto",
+):
+    """Token-by-token KDA for decoding a few tokens with the state in and out.
+
+    Same arguments and results as `chunk_kda` (chunk_size is accepted for signature
+    compatibility and ignored). Decoding is bandwidth-bound on the K x V state; a jnp scan
+    is what every backend runs (XLA fuses the per-token update).
+    """
+    validate_kda_inputs("fused_recurrent_kda", q, k, v, g, beta, initial_state=initial_state,
+                        segment_ids=segment_ids, chunk_size=chunk_size, backend=backend,
+                        scale=scale)
+    return recurrent_kda_reference(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, segment_ids=segment_ids)
