@@ -13,7 +13,10 @@ import jax.numpy as jnp
 
 from pallas_kernels.swa.reference import swa_attention_reference
 
-BACKENDS = ("auto", "pallas_gpu", "pallas_tpu", "interpret", "reference")
+BACKENDS = ("auto", "pallas_gpu", "pallas_tpu", "interpret", "reference", "cudnn")
+# On GPU, "auto" sends plain sliding-window calls (no sinks, no segments, 16-bit dtype)
+# to cuDNN when it measured faster than our Triton kernel (docs/benchmarks-swa.md).
+AUTO_PREFERS_CUDNN = True
 
 
 def _check_int(name, value, minimum, fix):
@@ -81,7 +84,11 @@ def swa_attention(q, k, v, *, window, sinks=0, segment_ids=None, scale=None, bac
       segment_ids: optional int [B, T]; a document is a run of equal ids, 0 = padding
         (its own run, so padded rows stay finite). Queries never see other documents.
       scale: logit scale, default D ** -0.5.
-      backend: "auto" | "pallas_gpu" | "pallas_tpu" | "interpret" | "reference".
+      backend: "auto" | "pallas_gpu" | "pallas_tpu" | "interpret" | "reference" | "cudnn".
+        "auto": on GPU cuDNN where it can express the call and measured faster, else the
+        Triton kernel; the Mosaic kernel on TPU; the reference elsewhere. "interpret" runs
+        the TPU kernel in Pallas's interpreter (any platform). "cudnn" is
+        jax.nn.dot_product_attention(implementation="cudnn"): no sinks or segments.
 
     Returns:
       o: [B, T, Hq, D] in q.dtype.
@@ -89,9 +96,46 @@ def swa_attention(q, k, v, *, window, sinks=0, segment_ids=None, scale=None, bac
     window, sinks = validate(q, k, v, window=window, sinks=sinks, segment_ids=segment_ids,
                              scale=scale, backend=backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # Until the Pallas kernels land every backend computes the oracle.
-    return swa_attention_reference(q, k, v, window=window, sinks=sinks,
-                                   segment_ids=segment_ids, scale=scale)
+    kwargs = dict(window=window, sinks=sinks, segment_ids=segment_ids, scale=scale)
+    if backend == "auto":
+        backend = _auto_backend(q, sinks, segment_ids)
+    if backend == "reference":
+        return swa_attention_reference(q, k, v, **kwargs)
+    if backend == "cudnn":
+        return _cudnn(q, k, v, **kwargs)
+    if backend == "pallas_gpu":
+        from pallas_kernels.swa.gpu import swa_attention_gpu
+        return swa_attention_gpu(q, k, v, **kwargs)
+    from pallas_kernels.swa.tpu import swa_attention_tpu
+    return swa_attention_tpu(q, k, v, interpret=backend == "interpret", **kwargs)
+
+
+def _cudnn_can(q, sinks, segment_ids):
+    return (sinks == 0 and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
+def _auto_backend(q, sinks, segment_ids):
+    platform = jax.devices()[0].platform
+    if platform == "gpu":
+        if AUTO_PREFERS_CUDNN and _cudnn_can(q, sinks, segment_ids):
+            return "cudnn"
+        return "pallas_gpu"
+    if platform == "tpu":
+        return "pallas_tpu"
+    return "reference"
+
+
+def _cudnn(q, k, v, *, window, sinks, segment_ids, scale):
+    if not _cudnn_can(q, sinks, segment_ids):
+        raise ValueError("swa_attention(backend='cudnn') needs sinks=0, segment_ids=None, a "
+                         "bfloat16/float16 dtype and head_dim <= 128 (multiple of 8); use "
+                         "backend='pallas_gpu' for the rest")
+    t = q.shape[1]
+    # local_window_size=(left, right): query i sees keys i-left .. i+right.
+    local = None if window >= t else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        local_window_size=local, implementation="cudnn")
 
 
 __all__ = ["swa_attention", "swa_attention_reference", "BACKENDS"]

@@ -1,0 +1,293 @@
+"""Sliding-window flash attention: Pallas kernels for GPU (Triton backend).
+
+Layout stays [B, T, H, D] (no transposes): each program owns one (batch, head,
+block) and slices the keys/values/queries it needs straight from HBM with dynamic
+`pl.ds` loads, so only blocks inside the window (plus sink blocks) are touched.
+Scores use exp2 with log2(e) folded into the scale; the forward saves the base-2
+log-sum-exp, which the backward uses to rebuild probabilities without a rescan.
+Blocks where every (query, key) pair is visible skip the mask arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.swa.common import (LOG2E, MASK_VALUE, key_block_query_range, pad_time,
+                                       padded_starts, round_up)
+
+F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _dot(a, b, dims=_NN):
+    return lax.dot_general(a, b, dims, preferred_element_type=F32)
+
+
+def _cdiv(a, b):
+    return lax.div(a + (b - 1), b)
+
+
+def _visible(qpos, kpos, qstart, window, sinks, full_causal):
+    """qpos/qstart broadcast against kpos; the rule of reference.py."""
+    vis = (kpos >= qstart) & (kpos <= qpos)
+    if full_causal and not sinks:
+        return vis
+    near = qpos - kpos < window
+    if sinks:
+        near = near | (kpos < qstart + sinks)
+    return vis & near
+
+
+def _query_block_loops(q0, first, last, body, carry, *, bq, bk, nk, window, sinks):
+    """Runs body(j, carry, masked) over the key blocks query block [q0, q0+bq) needs."""
+    q1 = q0 + bq
+    lo_blk = lax.div(jnp.maximum(q0 - window + 1, first), bk)
+    hi_blk = jnp.minimum(_cdiv(q1, bk), nk)
+    full_lo = jnp.clip(_cdiv(jnp.maximum(q1 - window, last), bk), lo_blk, hi_blk)
+    full_hi = jnp.clip(lax.div(q0 + 1, bk), full_lo, hi_blk)
+    masked = functools.partial(body, masked=True)
+    if sinks:
+        sb0 = lax.div(first, bk)
+        sb1 = jnp.minimum(_cdiv(first + sinks, bk), lo_blk)
+        carry = lax.fori_loop(sb0, sb1, masked, carry)
+    carry = lax.fori_loop(lo_blk, full_lo, masked, carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(full_hi, hi_blk, masked, carry)
+
+
+def _fwd_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale2, window, sinks,
+                full_causal, bq, bk, nk):
+    q0 = pl.program_id(2) * bq
+    q = q_ref[...]
+    qstart = starts_ref[pl.ds(q0, bq)]
+    qpos = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+
+    def body(j, carry, *, masked):
+        acc, m, l = carry
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        s = _dot(q, k, _NT) * scale2
+        if masked:
+            kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+            s = jnp.where(_visible(qpos, kpos, qstart[:, None], window, sinks, full_causal),
+                          s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = alpha * l + p.sum(axis=1)
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    d = q.shape[-1]
+    carry = (jnp.zeros((bq, d), F32), jnp.full((bq,), MASK_VALUE, F32), jnp.zeros((bq,), F32))
+    acc, m, l = _query_block_loops(q0, qstart.min(), qstart.max(), body, carry, bq=bq, bk=bk,
+                                   nk=nk, window=window, sinks=sinks)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log2(l)
+
+
+def _dq_kernel(starts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
+               scale2, window, sinks, full_causal, bq, bk, nk):
+    q0 = pl.program_id(2) * bq
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...][:, None]
+    delta = delta_ref[...][:, None]
+    qstart = starts_ref[pl.ds(q0, bq)]
+    qpos = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+
+    def body(j, dq, *, masked):
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        s = _dot(q, k, _NT) * scale2
+        if masked:
+            kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+            s = jnp.where(_visible(qpos, kpos, qstart[:, None], window, sinks, full_causal),
+                          s, MASK_VALUE)
+        p = jnp.exp2(s - lse)
+        ds = p * (_dot(do, v, _NT) - delta)
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = _query_block_loops(q0, qstart.min(), qstart.max(), body,
+                            jnp.zeros(q.shape, F32), bq=bq, bk=bk, nk=nk, window=window,
+                            sinks=sinks)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(starts_ref, qend_ref, fullend_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                 delta_ref, dk_ref, dv_ref, *, scale, scale2, window, sinks, full_causal,
+                 groups, bq, bk, nq):
+    j = pl.program_id(2)
+    k0 = j * bk
+    k = k_ref[...]
+    v = v_ref[...]
+    kpos = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+    # Query blocks [lo, hi) see this key block; [full_lo, full_hi) see all of it.
+    lo = lax.div(k0, bq)
+    hi = jnp.minimum(_cdiv(qend_ref[j], bq), nq)
+    full_lo = jnp.clip(_cdiv(k0 + bk - 1, bq), lo, hi)
+    full_hi = jnp.clip(lax.div(fullend_ref[j], bq), full_lo, hi)
+
+    def make_body(g):
+        def body(i, carry, *, masked):
+            dk, dv = carry
+            q = q_ref[pl.ds(i * bq, bq), g, :]
+            do = do_ref[pl.ds(i * bq, bq), g, :]
+            lse = lse_ref[g, pl.ds(i * bq, bq)][None, :]
+            delta = delta_ref[g, pl.ds(i * bq, bq)][None, :]
+            st = _dot(k, q, _NT) * scale2  # [bk, bq]: keys on rows
+            if masked:
+                qpos = i * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
+                qstart = starts_ref[pl.ds(i * bq, bq)][None, :]
+                st = jnp.where(_visible(qpos, kpos, qstart, window, sinks, full_causal),
+                               st, MASK_VALUE)
+            pt = jnp.exp2(st - lse)
+            dv = dv + _dot(pt.astype(do.dtype), do)
+            dst = pt * (_dot(v, do, _NT) - delta)
+            dk = dk + _dot(dst.astype(q.dtype), q)
+            return dk, dv
+        return body
+
+    carry = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
+    for g in range(groups):
+        body = make_body(g)
+        masked = functools.partial(body, masked=True)
+        carry = lax.fori_loop(lo, full_lo, masked, carry)
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+        carry = lax.fori_loop(full_hi, hi, masked, carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _params(num_warps, num_stages, interpret):
+    if interpret:
+        return {"interpret": True}
+    from jax.experimental.pallas import triton as plgpu
+    return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
+def _forward(q, k, v, starts, cfg):
+    b, tp, hq, d = q.shape
+    hkv = k.shape[2]
+    groups = hq // hkv
+    bq, bk = cfg["block_q"], cfg["block_k"]
+    kernel = functools.partial(
+        _fwd_kernel, scale2=cfg["scale"] * LOG2E, window=cfg["window"], sinks=cfg["sinks"],
+        full_causal=cfg["window"] >= tp, bq=bq, bk=bk, nk=tp // bk)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, hq, tp // bq),
+        in_specs=[
+            pl.BlockSpec((None, tp), lambda b_, h, i: (b_, 0)),
+            pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+            pl.BlockSpec((None, tp, None, d), lambda b_, h, i: (b_, 0, h // groups, 0)),
+            pl.BlockSpec((None, tp, None, d), lambda b_, h, i: (b_, 0, h // groups, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+            pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, hq, tp), F32)],
+        name="swa_fwd",
+        **_params(cfg["num_warps"], cfg["num_stages"], cfg["interpret"]),
+    )(starts, q, k, v)
+
+
+def _backward(q, k, v, o, lse, do, starts, cfg):
+    b, tp, hq, d = q.shape
+    hkv = k.shape[2]
+    groups = hq // hkv
+    bq, bk = cfg["bwd_block_q"], cfg["bwd_block_k"]
+    window, sinks = cfg["window"], cfg["sinks"]
+    common = dict(scale=cfg["scale"], scale2=cfg["scale"] * LOG2E, window=window, sinks=sinks,
+                  full_causal=window >= tp)
+    # delta_t = sum_d o_td * do_td = sum_s p_ts dp_ts (the softmax-backward row term).
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(F32), do.astype(F32))
+    params = _params(cfg["bwd_num_warps"], cfg["bwd_num_stages"], cfg["interpret"])
+
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, bq=bq, bk=bk, nk=tp // bk, **common),
+        grid=(b, hq, tp // bq),
+        in_specs=[
+            pl.BlockSpec((None, tp), lambda b_, h, i: (b_, 0)),
+            pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+            pl.BlockSpec((None, tp, None, d), lambda b_, h, i: (b_, 0, h // groups, 0)),
+            pl.BlockSpec((None, tp, None, d), lambda b_, h, i: (b_, 0, h // groups, 0)),
+            pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+            pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
+            pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
+        ],
+        out_specs=pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        name="swa_bwd_dq",
+        **params,
+    )(starts, q, k, v, do, lse, delta)
+
+    q_end, full_end = key_block_query_range(starts, window=window, sinks=sinks, block_k=bk)
+    nk = tp // bk
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, groups=groups, bq=bq, bk=bk, nq=tp // bq, **common),
+        grid=(b, hkv, nk),
+        in_specs=[
+            pl.BlockSpec((None, tp), lambda b_, h, j: (b_, 0)),
+            pl.BlockSpec((None, nk), lambda b_, h, j: (b_, 0)),
+            pl.BlockSpec((None, nk), lambda b_, h, j: (b_, 0)),
+            pl.BlockSpec((None, tp, groups, d), lambda b_, h, j: (b_, 0, h, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda b_, h, j: (b_, j, h, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda b_, h, j: (b_, j, h, 0)),
+            pl.BlockSpec((None, tp, groups, d), lambda b_, h, j: (b_, 0, h, 0)),
+            pl.BlockSpec((None, groups, tp), lambda b_, h, j: (b_, h, 0)),
+            pl.BlockSpec((None, groups, tp), lambda b_, h, j: (b_, h, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, bk, None, d), lambda b_, h, j: (b_, j, h, 0))] * 2,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        name="swa_bwd_dkdv",
+        **params,
+    )(starts, q_end, full_end, q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _swa(q, k, v, starts, cfg):
+    return _forward(q, k, v, starts, dict(cfg))[0]
+
+
+def _swa_fwd(q, k, v, starts, cfg):
+    o, lse = _forward(q, k, v, starts, dict(cfg))
+    return o, (q, k, v, o, lse, starts)
+
+
+def _swa_bwd(cfg, res, do):
+    q, k, v, o, lse, starts = res
+    dq, dk, dv = _backward(q, k, v, o, lse, do, starts, dict(cfg))
+    return dq, dk, dv, None
+
+
+_swa.defvjp(_swa_fwd, _swa_bwd)
+
+DEFAULT_CONFIG = dict(block_q=128, block_k=128, num_warps=8, num_stages=2,
+                      bwd_block_q=64, bwd_block_k=64, bwd_num_warps=4, bwd_num_stages=2)
+
+
+def swa_attention_gpu(q, k, v, *, window, sinks, segment_ids, scale, interpret=False,
+                      **overrides):
+    """Validated inputs -> o [B, T, Hq, D]; pads T to the block size internally."""
+    cfg = dict(DEFAULT_CONFIG, **overrides)
+    b, t, _, d = q.shape
+    if not interpret and (d < 16 or d & (d - 1)):
+        raise ValueError(f"swa_attention(backend='pallas_gpu'): head_dim must be a power of two "
+                         f">= 16 for the Triton kernel, got {d}; use backend='reference'")
+    tp = round_up(t, max(cfg["block_q"], cfg["block_k"], cfg["bwd_block_q"], cfg["bwd_block_k"]))
+    starts = padded_starts(segment_ids, b, t, tp)
+    cfg.update(window=min(window, tp), sinks=min(sinks, tp), scale=scale, interpret=interpret)
+    o = _swa(pad_time(q, tp), pad_time(k, tp), pad_time(v, tp), starts,
+             tuple(sorted(cfg.items())))
+    return o[:, :t]
