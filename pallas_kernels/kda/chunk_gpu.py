@@ -1,0 +1,567 @@
+"""Chunked KDA in Pallas (Triton backend) with a hand-written backward (jax.custom_vjp).
+
+Per chunk of C tokens (C = 32 or 64), with G = in-chunk cumsum of g (fp32, <= 0 and
+decreasing), Gam_t = exp(G_t), S0 the state entering the chunk:
+
+    A[t,j] = sum_d k_td k_jd exp(G_td - G_jd)   (j < t)        key-key decays
+    P[t,j] = sum_d q_td k_jd exp(G_td - G_jd)   (j <= t)       query-key decays
+    M = (I + diag(b) A)^-1,  T = M diag(b)                     UT transform
+    W = T (k * Gam),  U = T v,  u = U - W S0                   "new values"
+    o = (q * Gam) S0 + P u
+    S1 = diag(exp(G_C)) S0 + (k * exp(G_C - G))^T u
+
+Kernels (all fp32 accumulation; matmul operands in the input dtype):
+  _intra_fwd   grid (B,H,NT), parallel over chunks: A, P, M, W, U. The chunk is split into
+               16-row blocks. Off-diagonal blocks (I > J) factor exp(G_t - G_j) through a
+               reference row r = G[last row of J]: exp(G_t - r) * exp(r - G_j), both
+               exponents <= 0, so the product is a tensor-core matmul. Diagonal blocks are
+               built pairwise ([16,16,BK] tiles, masked before exp). M is the block
+               inverse: diagonal 16x16 blocks by the doubling product
+               (I+N)(I+N^2)(I+N^4)(I+N^8), N = -diag(b)A, off-diagonal blocks by block
+               substitution M_IJ = -M_II sum_m L_Im M_mJ (matrix products, no row loop).
+  _state_fwd   grid (B,H,V/BV), sequential over chunks: state recurrence, o, per-chunk
+               states h (kept for the backward pass).
+  _state_bwd   grid (B,H,V/BV), reverse over chunks: dS, du, and the V-partial sums of
+               dW, dP, d(q*Gam), d(k*exp(G_C-G)), d exp(G_C).
+  _intra_bwd   grid (B,H,NT): recomputes A, M, T and turns those into dq, dk, dv, dG, db.
+Segment resets enter as masks on A, P, Gam and the state update (run ids / flags),
+never as -inf in G.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.kda.reference import prepare_qk, segment_resets
+
+BC = 16  # rows per sub-block inside a chunk (the smallest tensor-core tile)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _prec(dtype):
+    # fp32 operands: exact IEEE products (tests, fp32 training); bf16: tensor cores.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _mm(a, b, dtype=jnp.float32):
+    """a @ b with operands cast to `dtype`, fp32 accumulation."""
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (0,)), ((), ())),
+                           precision=_prec(dtype), preferred_element_type=jnp.float32)
+
+
+def _mm_nt(a, b, dtype=jnp.float32):
+    """a @ b^T."""
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((), ())),
+                           precision=_prec(dtype), preferred_element_type=jnp.float32)
+
+
+def _mm_tn(a, b, dtype=jnp.float32):
+    """a^T @ b."""
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())),
+                           precision=_prec(dtype), preferred_element_type=jnp.float32)
+
+
+def _f32(x):
+    return x.astype(jnp.float32)
+
+
+def _tri(n, strict):
+    r = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    c = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return (r > c) if strict else (r >= c)
+
+
+def _blk(ref, i, cols=None):
+    """Rows [16i, 16i+16) of a 2-D ref (optionally a column slice), as float32."""
+    if cols is None:
+        return _f32(ref[pl.ds(i * BC, BC), :])
+    return _f32(ref[pl.ds(i * BC, BC), cols])
+
+
+def _vec(ref, i):
+    return _f32(ref[pl.ds(i * BC, BC)])
+
+
+class _Chunk:
+    """Loads of one chunk's blocks inside an intra kernel (refs are [C, ...])."""
+
+    def __init__(self, q_ref, k_ref, g_ref, b_ref, run_ref, fs_ref, K, seg, bk):
+        self.q, self.k, self.g, self.b = q_ref, k_ref, g_ref, b_ref
+        self.run, self.fs = run_ref, fs_ref
+        self.K, self.seg, self.bk = K, seg, bk
+
+    def same(self, i, j):
+        if not self.seg:
+            return None
+        return _vec(self.run, i)[:, None] == _vec(self.run, j)[None, :]
+
+    def gam(self, i):
+        """exp(G) of block i, zero on rows cut off from the chunk start by a reset."""
+        G = _blk(self.g, i)
+        if self.seg:
+            G = jnp.where(_vec(self.fs, i)[:, None] > 0, G, -jnp.inf)
+        return jnp.exp(G)
+
+    def ref_row(self, j):
+        return _f32(self.g[pl.ds(j * BC + BC - 1, 1), :])  # [1, K]
+
+    def off_factors(self, i, j):
+        """(exp(G_i - r), exp(r - G_j)) for i > j, r = last row of block j; both <= 1."""
+        r = self.ref_row(j)
+        return jnp.exp(_blk(self.g, i) - r), jnp.exp(r - _blk(self.g, j))
+
+    def diag_pairs(self, i, fn):
+        """Call fn(E, cols) per K tile; E[t,j,d] = exp(G_td - G_jd) for j <= t, else 0."""
+        tri = _tri(BC, strict=False)[:, :, None]
+        for d0 in range(0, self.K, self.bk):
+            cols = pl.ds(d0, self.bk)
+            G = _blk(self.g, i, cols)
+            fn(jnp.exp(jnp.where(tri, G[:, None, :] - G[None, :, :], -jnp.inf)), cols)
+
+
+def _pairwise(ch, nb, mm_dtype, want_p):
+    """A (strictly lower) and P (lower) as dicts of 16x16 blocks {(i, j): block}, i >= j."""
+    A, P = {}, {}
+    strict = _tri(BC, strict=True)
+    for i in range(nb):
+        acc = {"a": jnp.zeros((BC, BC), jnp.float32), "p": jnp.zeros((BC, BC), jnp.float32)}
+
+        def diag(E, cols, i=i, acc=acc):
+            k = _blk(ch.k, i, cols)
+            acc["a"] = acc["a"] + jnp.sum(k[:, None, :] * k[None, :, :] * E, axis=-1)
+            if want_p:
+                q = _blk(ch.q, i, cols)
+                acc["p"] = acc["p"] + jnp.sum(q[:, None, :] * k[None, :, :] * E, axis=-1)
+
+        ch.diag_pairs(i, diag)
+        A[i, i] = jnp.where(strict, acc["a"], 0.0)
+        P[i, i] = acc["p"]
+        for j in range(i):
+            fi, fj = ch.off_factors(i, j)
+            kj = _blk(ch.k, j) * fj
+            A[i, j] = _mm_nt(_blk(ch.k, i) * fi, kj, mm_dtype)
+            if want_p:
+                P[i, j] = _mm_nt(_blk(ch.q, i) * fi, kj, mm_dtype)
+        same = [ch.same(i, j) for j in range(i + 1)]
+        if ch.seg:
+            for j in range(i + 1):
+                A[i, j] = jnp.where(same[j], A[i, j], 0.0)
+                if want_p:
+                    P[i, j] = jnp.where(same[j], P[i, j], 0.0)
+    return A, P
+
+
+def _inverse(A, betas, nb):
+    """Blocks of M = (I + diag(b) A)^-1 (block lower triangular), fp32, matrix products."""
+    eye = jnp.where(lax.broadcasted_iota(jnp.int32, (BC, BC), 0)
+                    == lax.broadcasted_iota(jnp.int32, (BC, BC), 1), 1.0, 0.0)
+    L = {(i, j): betas[i][:, None] * A[i, j] for i in range(nb) for j in range(i + 1)}
+    M = {}
+    for i in range(nb):
+        n = -L[i, i]
+        m = eye + n
+        for _ in range(3):  # (I+N)(I+N^2)(I+N^4)(I+N^8): N is 16x16 nilpotent
+            n = _mm(n, n)
+            m = m + _mm(m, n)
+        M[i, i] = m
+        for j in range(i):
+            s = _mm(L[i, j], M[j, j])
+            for m_ in range(j + 1, i):
+                s = s + _mm(L[i, m_], M[m_, j])
+            M[i, j] = -_mm(M[i, i], s)
+    return L, M
+
+
+# ----------------------------------------------------------------------------- kernels
+def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref,
+                      w_ref, u_ref, p_ref, *, C, K, seg, bk, mm_dtype):
+    nb = C // BC
+    ch = _Chunk(q_ref, k_ref, g_ref, b_ref, run_ref, fs_ref, K, seg, bk)
+    A, P = _pairwise(ch, nb, mm_dtype, want_p=True)
+    betas = [_vec(b_ref, i) for i in range(nb)]
+    _, M = _inverse(A, betas, nb)
+    kg = [_blk(k_ref, j) * ch.gam(j) for j in range(nb)]
+    for i in range(nb):
+        w = jnp.zeros((BC, K), jnp.float32)
+        u = jnp.zeros((BC, v_ref.shape[-1]), jnp.float32)
+        for j in range(i + 1):
+            t = M[i, j] * betas[j][None, :]
+            w = w + _mm(t, kg[j], mm_dtype)
+            u = u + _mm(t, _blk(v_ref, j), mm_dtype)
+        w_ref[pl.ds(i * BC, BC), :] = w.astype(w_ref.dtype)
+        u_ref[pl.ds(i * BC, BC), :] = u.astype(u_ref.dtype)
+        for j in range(nb):
+            blk = P[i, j] if j <= i else jnp.zeros((BC, BC), jnp.float32)
+            p_ref[pl.ds(i * BC, BC), pl.ds(j * BC, BC)] = blk.astype(p_ref.dtype)
+
+
+def _chunk_terms(q_ref, k_ref, g_ref, fs_ref, ls_ref, t0, C, seg):
+    """q*Gam, k*exp(G_C - G), exp(G_C) for the chunk starting at t0 (sequence refs)."""
+    G = _f32(g_ref[pl.ds(t0, C), :])
+    Gl = _f32(g_ref[pl.ds(t0 + C - 1, 1), :])  # [1, K]
+    if seg:
+        fs = _f32(fs_ref[pl.ds(t0, C)])[:, None] > 0
+        ls = _f32(ls_ref[pl.ds(t0, C)])[:, None] > 0
+        gam = jnp.exp(jnp.where(fs, G, -jnp.inf))
+        kdec = jnp.exp(jnp.where(ls, Gl - G, -jnp.inf))
+        fs_last = _f32(fs_ref[pl.ds(t0 + C - 1, 1)])[:, None] > 0  # [1, 1]
+        gl = jnp.exp(jnp.where(fs_last, Gl, -jnp.inf))
+    else:
+        gam, kdec, gl = jnp.exp(G), jnp.exp(Gl - G), jnp.exp(Gl)
+    qg = _f32(q_ref[pl.ds(t0, C), :]) * gam
+    kd = _f32(k_ref[pl.ds(t0, C), :]) * kdec
+    return qg, kd, gl
+
+
+def _state_fwd_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, w_ref, u_ref, p_ref, s0_ref,
+                      o_ref, h_ref, sT_ref, *, C, NT, seg, mm_dtype):
+    def body(n, s):
+        t0 = pl.multiple_of(n * C, C)
+        qg, kd, gl = _chunk_terms(q_ref, k_ref, g_ref, fs_ref, ls_ref, t0, C, seg)
+        h_ref[n] = s
+        u = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w_ref[pl.ds(t0, C), :], s, mm_dtype)
+        o = _mm(qg, s, mm_dtype) + _mm(p_ref[pl.ds(t0, C), :], u, mm_dtype)
+        o_ref[pl.ds(t0, C), :] = o.astype(o_ref.dtype)
+        return jnp.transpose(gl) * s + _mm_tn(kd, u, mm_dtype)
+
+    sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
+
+
+def _state_bwd_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, w_ref, u_ref, p_ref, h_ref,
+                      do_ref, dsT_ref, du_ref, dw_ref, dp_ref, dqg_ref, dkd_ref, dgl_ref,
+                      ds0_ref, *, C, NT, seg, mm_dtype):
+    def body(i, ds):
+        n = NT - 1 - i
+        t0 = pl.multiple_of(n * C, C)
+        qg, kd, gl = _chunk_terms(q_ref, k_ref, g_ref, fs_ref, ls_ref, t0, C, seg)
+        s = h_ref[n]
+        w = w_ref[pl.ds(t0, C), :]
+        u = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w, s, mm_dtype)
+        do = do_ref[pl.ds(t0, C), :]
+        du = _mm_tn(p_ref[pl.ds(t0, C), :], do, mm_dtype) + _mm(kd, ds, mm_dtype)
+        du_ref[pl.ds(t0, C), :] = du
+        dw_ref[pl.ds(t0, C), :] = -_mm_nt(du, s, mm_dtype)
+        dp_ref[pl.ds(t0, C), :] = _mm_nt(do, u, mm_dtype)
+        dqg_ref[pl.ds(t0, C), :] = _mm_nt(do, s, mm_dtype)
+        dkd_ref[pl.ds(t0, C), :] = _mm_nt(u, ds, mm_dtype)
+        dgl_ref[pl.ds(n, 1), :] = jnp.transpose(jnp.sum(s * ds, axis=1, keepdims=True))
+        return (_mm_tn(qg, do, mm_dtype) + jnp.transpose(gl) * ds
+                - _mm_tn(w, du, mm_dtype))
+
+    ds0_ref[...] = lax.fori_loop(0, NT, body, _f32(dsT_ref[...]))
+
+
+def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
+                      dw_ref, du_ref, dp_ref, dqg_ref, dkd_ref, dgl_ref,
+                      dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, C, K, seg, bk, mm_dtype):
+    nb = C // BC
+    ch = _Chunk(q_ref, k_ref, g_ref, b_ref, run_ref, fs_ref, K, seg, bk)
+    # Phase 1 (reductions over K and V): dT, dM, dA, db, dv.
+    A, _ = _pairwise(ch, nb, mm_dtype, want_p=False)
+    betas = [_vec(b_ref, i) for i in range(nb)]
+    L, M = _inverse(A, betas, nb)
+    T = {(i, j): M[i, j] * betas[j][None, :] for i in range(nb) for j in range(i + 1)}
+    db = [jnp.zeros((BC,), jnp.float32) for _ in range(nb)]
+    dM = {}
+    for j in range(nb):  # W = T (k*Gam), U = T v
+        kg = _blk(k_ref, j) * ch.gam(j)
+        v = _blk(v_ref, j)
+        dv = jnp.zeros((BC, dv_ref.shape[-1]), jnp.float32)
+        for i in range(j, nb):
+            du = _blk(du_ref, i)
+            dv = dv + _mm_tn(T[i, j], du, mm_dtype)
+            dT = _mm_nt(_blk(dw_ref, i), kg, mm_dtype) + _mm_nt(du, v, mm_dtype)
+            db[j] = db[j] + jnp.sum(dT * M[i, j], axis=0)
+            dM[i, j] = dT * betas[j][None, :]
+        dv_ref[pl.ds(j * BC, BC), :] = dv.astype(dv_ref.dtype)
+    X = {}  # M = (I + L)^-1:  dL = -M^T dM M^T restricted to the strictly lower part
+    for i in range(nb):
+        for c in range(i + 1):
+            X[i, c] = sum(_mm_tn(M[a, i], dM[a, c]) for a in range(i, nb))
+    strict = _tri(BC, strict=True)
+    dA, dP = {}, {}
+    for i in range(nb):
+        for j in range(i + 1):
+            dl = -sum(_mm_nt(X[i, c], M[j, c]) for c in range(j + 1))
+            if i == j:
+                dl = jnp.where(strict, dl, 0.0)
+            db[i] = db[i] + jnp.sum(dl * A[i, j], axis=1)  # L = diag(b) A
+            dA[i, j] = betas[i][:, None] * dl
+            dP[i, j] = _f32(dp_ref[pl.ds(i * BC, BC), pl.ds(j * BC, BC)])
+            if seg:
+                same = ch.same(i, j)
+                dA[i, j] = jnp.where(same, dA[i, j], 0.0)
+                dP[i, j] = jnp.where(same, dP[i, j], 0.0)
+    for i in range(nb):
+        db_ref[pl.ds(i * BC, BC)] = db[i]
+
+    # Phase 2: per K tile, everything is elementwise in the channel d.
+    fs_last = _f32(fs_ref[pl.ds(C - 1, 1)])[:, None] > 0 if seg else None
+    row = lax.broadcasted_iota(jnp.int32, (BC, bk), 0)
+    for d0 in range(0, K, bk):
+        cols = pl.ds(d0, bk)
+        Gl = _f32(g_ref[pl.ds(C - 1, 1), cols])  # [1, bk]
+        gl = jnp.exp(jnp.where(fs_last, Gl, -jnp.inf)) if seg else jnp.exp(Gl)
+        last = _f32(dgl_ref[:, cols]) * gl  # d/dG_C of exp(G_C) S0
+        dq, dk, dG = {}, {}, {}
+        for i in range(nb):
+            G = _blk(g_ref, i, cols)
+            q, k = _blk(q_ref, i, cols), _blk(k_ref, i, cols)
+            gam = jnp.exp(jnp.where(_vec(fs_ref, i)[:, None] > 0, G, -jnp.inf)) if seg \
+                else jnp.exp(G)
+            dec = jnp.exp(jnp.where(_vec(ls_ref, i)[:, None] > 0, Gl - G, -jnp.inf)) if seg \
+                else jnp.exp(Gl - G)
+            dkg = sum(_mm_tn(T[a, i], _blk(dw_ref, a, cols), mm_dtype) for a in range(i, nb))
+            dqg, dkd = _blk(dqg_ref, i, cols), _blk(dkd_ref, i, cols)
+            kd = k * dec
+            dq[i] = dqg * gam
+            dk[i] = dkg * gam + dkd * dec
+            dG[i] = dkg * k * gam + dqg * q * gam - dkd * kd
+            last = last + jnp.sum(dkd * kd, axis=0, keepdims=True)
+            # diagonal block: E[t,j,d] = exp(G_td - G_jd), j <= t
+            tri = _tri(BC, strict=False)[:, :, None]
+            E = jnp.exp(jnp.where(tri, G[:, None, :] - G[None, :, :], -jnp.inf))
+            ke = k[None, :, :] * E
+            rq = jnp.sum(dP[i, i][:, :, None] * ke, axis=1)  # sum_j dP[t,j] k_j E_tj
+            rk = jnp.sum(dA[i, i][:, :, None] * ke, axis=1)
+            cj = jnp.sum((dP[i, i][:, :, None] * q[:, None, :]
+                          + dA[i, i][:, :, None] * k[:, None, :]) * E, axis=0)
+            dq[i] = dq[i] + rq
+            dk[i] = dk[i] + rk + cj
+            dG[i] = dG[i] + q * rq + k * rk - k * cj
+        for i in range(nb):  # off-diagonal blocks via the reference row of block j
+            for j in range(i):
+                r = _f32(g_ref[pl.ds(j * BC + BC - 1, 1), cols])
+                fi = jnp.exp(_blk(g_ref, i, cols) - r)
+                fj = jnp.exp(r - _blk(g_ref, j, cols))
+                qi, ki = _blk(q_ref, i, cols) * fi, _blk(k_ref, i, cols) * fi
+                kj = _blk(k_ref, j, cols) * fj
+                dqi = _mm(dP[i, j], kj, mm_dtype)
+                dki = _mm(dA[i, j], kj, mm_dtype)
+                dkj = _mm_tn(dP[i, j], qi, mm_dtype) + _mm_tn(dA[i, j], ki, mm_dtype)
+                dq[i] = dq[i] + dqi * fi
+                dk[i] = dk[i] + dki * fi
+                dk[j] = dk[j] + dkj * fj
+                dG[i] = dG[i] + dqi * qi + dki * ki
+                dG[j] = dG[j] - dkj * kj
+        dG[nb - 1] = dG[nb - 1] + jnp.where(row == BC - 1, last, 0.0)
+        for i in range(nb):
+            dq_ref[pl.ds(i * BC, BC), cols] = dq[i].astype(dq_ref.dtype)
+            dk_ref[pl.ds(i * BC, BC), cols] = dk[i].astype(dk_ref.dtype)
+            dg_ref[pl.ds(i * BC, BC), cols] = dG[i]
+
+
+# ----------------------------------------------------------------------------- calls
+class _Cfg(tuple):
+    """Static configuration (hashable): chunk, segments, interpret, tiles, warps."""
+
+    __slots__ = ()
+    fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state", "stages")
+
+    def __new__(cls, **kw):
+        return super().__new__(cls, tuple(kw[f] for f in cls.fields))
+
+    def __getattr__(self, name):
+        return self[self.fields.index(name)]
+
+
+def _params(cfg, warps):
+    return dict(interpret=cfg.interpret,
+                compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=cfg.stages))
+
+
+def _intra_fwd(q, k, v, G, beta, run, fs, cfg):
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    C = cfg.C
+    ck = pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
+    cv = pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0))
+    cp = pl.BlockSpec((None, C, None, C), lambda b, h, n: (b, n, h, 0))
+    cb = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
+    cm = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
+    kern = functools.partial(_intra_fwd_kernel, C=C, K=K, seg=cfg.seg, bk=cfg.bk,
+                             mm_dtype=q.dtype)
+    return pl.pallas_call(
+        kern, grid=(B, H, Tp // C),
+        in_specs=[ck, ck, cv, ck, cb, cm, cm], out_specs=[ck, cv, cp],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), jnp.float32),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), jnp.float32),
+                   jax.ShapeDtypeStruct((B, Tp, H, C), jnp.float32)],
+        name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
+    )(q, k, v, G, beta, run, fs)
+
+
+def _seq_specs(B, Tp, H, K, C, bv):
+    return dict(
+        k=pl.BlockSpec((None, Tp, None, K), lambda b, h, j: (b, 0, h, 0)),
+        v=pl.BlockSpec((None, Tp, None, bv), lambda b, h, j: (b, 0, h, j)),
+        p=pl.BlockSpec((None, Tp, None, C), lambda b, h, j: (b, 0, h, 0)),
+        m=pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)),
+        h=pl.BlockSpec((None, None, Tp // C, K, bv), lambda b, h, j: (b, h, 0, 0, j)),
+        s=pl.BlockSpec((None, None, K, bv), lambda b, h, j: (b, h, 0, j)),
+        pk=pl.BlockSpec((None, None, Tp, None, K), lambda b, h, j: (j, b, 0, h, 0)),
+        pp=pl.BlockSpec((None, None, Tp, None, C), lambda b, h, j: (j, b, 0, h, 0)),
+        pg=pl.BlockSpec((None, None, Tp // C, None, K), lambda b, h, j: (j, b, 0, h, 0)),
+    )
+
+
+def _state_fwd(q, k, G, fs, ls, w, u, p, s0, cfg, out_dtype):
+    B, Tp, H, K = q.shape
+    V = u.shape[-1]
+    C, bv = cfg.C, min(cfg.bv, V)
+    NT = Tp // C
+    sp = _seq_specs(B, Tp, H, K, C, bv)
+    kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm_dtype=q.dtype)
+    return pl.pallas_call(
+        kern, grid=(B, H, V // bv),
+        in_specs=[sp["k"], sp["k"], sp["k"], sp["m"], sp["m"], sp["k"], sp["v"], sp["p"],
+                  sp["s"]],
+        out_specs=[sp["v"], sp["h"], sp["s"]],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
+                   jax.ShapeDtypeStruct((B, H, NT, K, V), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+        name="kda_state_fwd", **_params(cfg, cfg.warps_state),
+    )(q, k, G, fs, ls, w, u, p, s0)
+
+
+def _state_bwd(q, k, G, fs, ls, w, u, p, h, do, dsT, cfg):
+    B, Tp, H, K = q.shape
+    V = u.shape[-1]
+    C, bv = cfg.C, min(cfg.bv, V)
+    NT, NV = Tp // C, V // bv
+    sp = _seq_specs(B, Tp, H, K, C, bv)
+    kern = functools.partial(_state_bwd_kernel, C=C, NT=NT, seg=cfg.seg, mm_dtype=q.dtype)
+    f32 = jnp.float32
+    return pl.pallas_call(
+        kern, grid=(B, H, NV),
+        in_specs=[sp["k"], sp["k"], sp["k"], sp["m"], sp["m"], sp["k"], sp["v"], sp["p"],
+                  sp["h"], sp["v"], sp["s"]],
+        out_specs=[sp["v"], sp["pk"], sp["pp"], sp["pk"], sp["pk"], sp["pg"], sp["s"]],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), f32),
+                   jax.ShapeDtypeStruct((NV, B, Tp, H, K), f32),
+                   jax.ShapeDtypeStruct((NV, B, Tp, H, C), f32),
+                   jax.ShapeDtypeStruct((NV, B, Tp, H, K), f32),
+                   jax.ShapeDtypeStruct((NV, B, Tp, H, K), f32),
+                   jax.ShapeDtypeStruct((NV, B, NT, H, K), f32),
+                   jax.ShapeDtypeStruct((B, H, K, V), f32)],
+        name="kda_state_bwd", **_params(cfg, cfg.warps_state),
+    )(q, k, G, fs, ls, w, u, p, h, do, dsT)
+
+
+def _intra_bwd(q, k, v, G, beta, run, fs, ls, dw, du, dp, dqg, dkd, dgl, cfg):
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    C = cfg.C
+    ck = pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
+    cv = pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0))
+    cp = pl.BlockSpec((None, C, None, C), lambda b, h, n: (b, n, h, 0))
+    cb = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
+    cm = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
+    cg = pl.BlockSpec((None, 1, None, K), lambda b, h, n: (b, n, h, 0))
+    kern = functools.partial(_intra_bwd_kernel, C=C, K=K, seg=cfg.seg, bk=cfg.bk,
+                             mm_dtype=q.dtype)
+    f32 = jnp.float32
+    return pl.pallas_call(
+        kern, grid=(B, H, Tp // C),
+        in_specs=[ck, ck, cv, ck, cb, cm, cm, cm, ck, cv, cp, ck, ck, cg],
+        out_specs=[ck, ck, cv, ck, cb],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, K), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, K), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H), f32)],
+        name="kda_intra_bwd", **_params(cfg, cfg.warps_intra),
+    )(q, k, v, G, beta, run, fs, ls, dw, du, dp, dqg, dkd, dgl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _kda_core(q, k, v, G, beta, s0, run, fs, ls, cfg):
+    o, _, sT = _core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg)
+    return o, sT
+
+
+def _core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
+    w, u, p = _intra_fwd(q, k, v, G, beta, run, fs, cfg)
+    return _state_fwd(q, k, G, fs, ls, w, u, p, s0, cfg, v.dtype)
+
+
+def _kda_core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
+    o, h, sT = _core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg)
+    return (o, sT), (q, k, v, G, beta, run, fs, ls, h)
+
+
+def _kda_core_bwd(cfg, res, cts):
+    q, k, v, G, beta, run, fs, ls, h = res
+    do, dsT = cts
+    # Recompute W, U, P rather than keeping them from the forward pass.
+    w, u, p = _intra_fwd(q, k, v, G, beta, run, fs, cfg)
+    du, dw, dp, dqg, dkd, dgl, ds0 = _state_bwd(q, k, G, fs, ls, w, u, p, h,
+                                                do.astype(v.dtype), dsT, cfg)
+    dw, dp, dqg, dkd, dgl = (x.sum(0) for x in (dw, dp, dqg, dkd, dgl))
+    dq, dk, dv, dG, db = _intra_bwd(q, k, v, G, beta, run, fs, ls, dw, du, dp, dqg, dkd,
+                                    dgl, cfg)
+    zero = jnp.zeros_like
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dG,
+            db.astype(beta.dtype), ds0, zero(run), zero(fs), zero(ls))
+
+
+_kda_core.defvjp(_kda_core_fwd, _kda_core_bwd)
+
+
+def _pow2_at_least_16(n):
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def chunk_kda_gpu(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+    use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
+    block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_stages=1,
+):
+    """Chunked KDA with the Pallas Triton kernels (inputs validated by the caller).
+
+    The jnp prologue (XLA-fused) normalises/scales q and k, takes the in-chunk cumsum of g
+    in fp32, pads T to a multiple of the chunk and K, V to powers of two (zero tokens and
+    zero channels leave the state unchanged), and turns segment ids into run masks.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    dt = q.dtype
+    qs, ks = prepare_qk(q, k, scale, use_qk_l2norm_in_kernel)
+    Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
+    Tp = -(-T // C) * C
+
+    def pad(x, last=None):
+        widths = [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2)
+        if last is not None:
+            widths[-1] = (0, last - x.shape[-1])
+        return jnp.pad(x, widths)
+
+    qs, ks = pad(qs.astype(dt), Kp), pad(ks.astype(dt), Kp)
+    vp = pad(v, Vp)
+    gp = pad(g.astype(jnp.float32), Kp)
+    G = jnp.cumsum(gp.reshape(B, Tp // C, C, H, Kp), axis=2).reshape(B, Tp, H, Kp)
+    bp = pad(beta.astype(jnp.float32))
+    s0 = (jnp.zeros((B, H, Kp, Vp), jnp.float32) if initial_state is None else
+          jnp.pad(initial_state.astype(jnp.float32), [(0, 0), (0, 0), (0, Kp - K), (0, Vp - V)]))
+    seg = segment_ids is not None
+    if seg:
+        run = jnp.cumsum(segment_resets(segment_ids, B, T), axis=1, dtype=jnp.int32)
+        run = jnp.pad(run, [(0, 0), (0, Tp - T)], mode="edge").reshape(B, Tp // C, C)
+        before = jnp.concatenate([run[:, :1, :1], run[:, :-1, -1:]], axis=1)  # run before chunk
+        fs = (run == before).reshape(B, Tp).astype(jnp.float32)
+        ls = (run == run[:, :, -1:]).reshape(B, Tp).astype(jnp.float32)
+        run = run.reshape(B, Tp).astype(jnp.float32)
+    else:
+        run = fs = ls = jnp.zeros((B, Tp), jnp.float32)
+    cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
+               warps_intra=num_warps_intra, warps_state=num_warps_state, stages=num_stages)
+    o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
+    o = o[:, :T, :, :V]
+    return o, (sT[:, :, :K, :V] if output_final_state else None)
