@@ -33,7 +33,7 @@ def param(
         value = init(rngs.params(), tuple(shape), dtype)
     else:
         value = jnp.asarray(init, dtype).reshape(shape)
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
