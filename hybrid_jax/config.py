@@ -120,7 +120,8 @@ def _schema() -> dict:
             keep_checkpoints=3,
             async_checkpoints=True,
             max_nonfinite=10,  # stop after this many non-finite steps in a row
-            progress=True,
+            progress=True,  # tqdm bar per stage
+            tensorboard=True,  # TensorBoard events beside metrics.jsonl (needs tensorboardX)
         ),
         stage_order="",
         stages={},
@@ -156,11 +157,16 @@ def default_config() -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_keys(cfg: Mapping, schema: Mapping, where: str) -> None:
+def _is_dict(x) -> bool:
+    return isinstance(x, (Mapping, ml_collections.ConfigDict))
+
+
+def _check_keys(cfg, schema: Mapping, where: str) -> None:
     for k in cfg.keys():
         if k not in schema:
-            raise ConfigError(f"config: unknown key {where}{k!r}; valid keys{(' in ' + where.rstrip('.')) if where else ''}: {', '.join(sorted(schema))}")
-        if isinstance(schema[k], Mapping) and schema[k] and isinstance(cfg[k], Mapping):
+            section = f" in '{where.rstrip('.')}'" if where else ""
+            raise ConfigError(f"config: unknown key '{where}{k}'; valid keys{section}: {', '.join(sorted(schema))}")
+        if _is_dict(schema[k]) and schema[k] and _is_dict(cfg[k]):
             _check_keys(cfg[k], schema[k], f"{where}{k}.")
 
 

@@ -206,7 +206,7 @@ class Trainer:
         for st in self.stages[start_idx:]:
             self._check_data(st)
 
-        writer = MetricsWriter(self.workdir, resume_step=latest)
+        writer = MetricsWriter(self.workdir, resume_step=latest, tensorboard=cfg.train.tensorboard)
         nonfinite_total = meta["nonfinite_total"] if meta else 0
         summary: dict = {"stages": {}}
         try:

@@ -111,6 +111,7 @@ def run_config(steps=(4, 4), *, checkpoint_every=2, batch_size=4, seq_len=16, me
     c.train.checkpoint_every = checkpoint_every
     c.train.log_every = 1
     c.train.progress = False
+    c.train.tensorboard = False
     c.train.async_checkpoints = True
     if mesh:
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
