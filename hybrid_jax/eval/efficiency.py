@@ -1,0 +1,125 @@
+"""Efficiency of any DecoderLM: decode-cache bytes, time to first token, decode throughput.
+
+* `cache_bytes_analytic`: bytes of the per-layer decode caches for one sequence, from the
+  shapes each mixer's `init_cache` would allocate (`jax.eval_shape`: nothing is allocated).
+* `cache_bytes_measured`: the device allocator's growth when that cache is really built
+  (GPU/TPU; None where the backend keeps no memory statistics, e.g. the CPU).
+* `time_to_first_token`: median wall time of the jit-compiled prefill of one prompt, compile
+  excluded, ending when the first token's logits are on the device.
+* `decode_tokens_per_second`: a jit-compiled greedy decode loop of `steps` tokens after a
+  prefill, per second and per sequence × batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybrid_jax.models.cache import init_cache
+
+
+def cache_bytes_analytic(model, context_length: int, batch_size: int = 1) -> int:
+    shapes = jax.eval_shape(lambda: init_cache(model, batch_size, context_length))
+    return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in jax.tree_util.tree_leaves(shapes))
+
+
+def _bytes_in_use() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats or "bytes_in_use" not in stats else int(stats["bytes_in_use"])
+
+
+def cache_bytes_measured(model, context_length: int, batch_size: int = 1) -> int | None:
+    before = _bytes_in_use()
+    if before is None:
+        return None
+    cache = jax.block_until_ready(init_cache(model, batch_size, context_length))
+    grown = _bytes_in_use() - before
+    del cache
+    return grown
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length"))
+def _prefill(graphdef, state, input_ids, *, cache_length):
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model, input_ids.shape[0], cache_length)
+    out = model.forward(input_ids, cache=cache, logits="last")
+    return out.logits[:, -1], out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
+def _decode(graphdef, state, cache, first, start, *, steps):
+    model = nnx.merge(graphdef, state)
+
+    def body(i, carry):
+        tok, cache = carry
+        pos = jnp.full((tok.shape[0], 1), start + i, jnp.int32)
+        out = model.forward(tok[:, None], positions=pos, segment_ids=jnp.ones_like(pos), cache=cache, logits="last")
+        return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache
+
+    return jax.lax.fori_loop(0, steps, body, (first, cache))
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _prompt(model, batch_size: int, length: int, seed: int = 0) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (batch_size, length), 0, model.config.vocab_size, jnp.int32)
+
+
+def time_to_first_token(model, context_length: int, *, batch_size: int = 1, repeats: int = 3) -> float:
+    """Seconds from a prompt of `context_length` tokens to its first token's logits."""
+    graphdef, state = nnx.split(model)
+    ids = _prompt(model, batch_size, context_length)
+    return _median_seconds(lambda: _prefill(graphdef, state, ids, cache_length=context_length + 1)[0], repeats)
+
+
+def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1, steps: int = 64,
+                             repeats: int = 3) -> float:
+    """Generated tokens per second (all rows together) after a prompt of `context_length`."""
+    graphdef, state = nnx.split(model)
+    ids = _prompt(model, batch_size, context_length)
+    logits, cache = _prefill(graphdef, state, ids, cache_length=context_length + steps)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    seconds = _median_seconds(lambda: _decode(graphdef, state, cache, first, context_length, steps=steps)[0], repeats)
+    return batch_size * steps / seconds
+
+
+def efficiency_plot(rows: list[dict], path: str) -> str:
+    """PNG with two panels: time to first token and cache bytes against context length, per model.
+
+    rows: {"model", "context", "ttft_s", "cache_bytes"} dicts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rs = sorted((r for r in rows if r["model"] == name), key=lambda r: r["context"])
+        xs = [r["context"] for r in rs]
+        a.plot(xs, [1e3 * r["ttft_s"] for r in rs], marker="o", label=name)
+        b.plot(xs, [r["cache_bytes"] / 2**20 for r in rs], marker="o", label=name)
+    for ax, label in ((a, "time to first token (ms)"), (b, "decode cache per sequence (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

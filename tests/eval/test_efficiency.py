@@ -1,0 +1,49 @@
+"""Efficiency measurements: analytic cache bytes (closed form), the timed decode loop's tokens."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hybrid_jax as hj
+from hybrid_jax.eval import efficiency
+from hybrid_jax.eval.generate import generate_tokens
+from tests.fixtures import TINY_CONFIG, write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return hj.load_pretrained(str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_eff"))))
+
+
+def test_cache_bytes_closed_form(model):
+    layers, kv, hd = TINY_CONFIG["num_hidden_layers"], TINY_CONFIG["num_key_value_heads"], TINY_CONFIG["head_dim"]
+    for length, batch in ((100, 1), (64, 3)):
+        # keys + values in float32, int32 key segment ids, one int32 index per layer
+        want = layers * (batch * (2 * length * kv * hd * 4 + length * 4) + 4)
+        assert efficiency.cache_bytes_analytic(model, length, batch) == want
+
+
+def test_measured_cache_bytes_is_none_without_allocator_stats(model):
+    assert efficiency.cache_bytes_measured(model, 32) is None  # the CPU keeps no memory statistics
+
+
+def test_timed_decode_loop_generates_what_generate_does(model):
+    graphdef, state = nnx.split(model)
+    ids = efficiency._prompt(model, 2, 12)
+    logits, cache = efficiency._prefill(graphdef, state, ids, cache_length=12 + 6)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    last, _ = efficiency._decode(graphdef, state, cache, first, 12, steps=5)
+    want = generate_tokens(model, np.asarray(ids).tolist(), max_new_tokens=6, eos_token_id=[], bucket=False)
+    np.testing.assert_array_equal(np.asarray(first), want[:, 0])
+    np.testing.assert_array_equal(np.asarray(last), want[:, 5])
+
+
+def test_timings_are_positive(model):
+    assert efficiency.time_to_first_token(model, 16, repeats=1) > 0
+    assert efficiency.decode_tokens_per_second(model, 16, steps=4, repeats=1) > 0
+
+
+def test_efficiency_plot(tmp_path):
+    rows = [dict(model=m, context=c, ttft_s=c * 1e-4, cache_bytes=c * 1024) for m in ("a", "b") for c in (16, 32)]
+    assert open(efficiency.efficiency_plot(rows, str(tmp_path / "e.png")), "rb").read(4) == b"\x89PNG"
