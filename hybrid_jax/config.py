@@ -224,7 +224,7 @@ def resolved_stage(config, name: str) -> ml_collections.ConfigDict:
     """A stage with inherited fields (batch, seq_len, data, loss, freeze defaults) filled in."""
     s = config.stages[name]
     needs_teacher, trainable, frozen, loss = STAGE_TYPES[s.type]
-    out = ml_collections.ConfigDict(s.to_dict())
+    out = ml_collections.ConfigDict(s.to_dict(), type_safe=False)
     out.name = name
     out.needs_teacher = needs_teacher
     out.batch_size = s.batch_size or config.train.batch_size

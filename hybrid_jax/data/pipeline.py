@@ -39,6 +39,7 @@ DEFAULTS = {
     "overlong": "split",  # documents longer than seq_len: "split" or "drop"
     "shuffle": True,
     "append_eos": True,  # end text documents with <|endoftext|>
+    "cache_documents": 500_000,  # tokenised documents kept for later epochs (0: none)
 }
 ENCODE_BLOCK = 256  # records tokenised per batched tokenizer call
 
@@ -95,6 +96,9 @@ class RecordEncoder:
         self.tokenizer = tokenizer
         self.specs = specs
         self.settings = settings
+        # Small data sets (the micro-world) repeat every epoch: rendering chats through
+        # Jinja dominates the cost, so documents are kept by (source, record index).
+        self._cache: dict[tuple[int, int], tuple] = {}
 
     def _kind(self, k: int, record: Mapping):
         spec = self.specs[k]
@@ -113,15 +117,18 @@ class RecordEncoder:
                          f"{sorted(record)}, none of {mf!r}, {tf!r} or 'prompt'+'completion'; "
                          "set the source's 'text_field' or 'messages_field'")
 
-    def __call__(self, tagged: list[tuple[int, Mapping]]):
-        out = [None] * len(tagged)
+    def __call__(self, tagged: list[tuple[int, int, Mapping]]):
+        """[(source number, record index, record)] -> [(ids, mask)]."""
+        out = [self._cache.get((k, i)) for k, i, _ in tagged]
         groups: dict[tuple, list[int]] = {}
-        payload = []
-        for j, (k, record) in enumerate(tagged):
-            kind, value = self._kind(k, record)
+        payload = {}
+        for j, (k, _, record) in enumerate(tagged):
+            if out[j] is not None:
+                continue
+            kind, payload[j] = self._kind(k, record)
             mask = self.specs[k].get("loss_mask") or self.settings["loss_mask"]
             groups.setdefault((kind, mask if kind == "chat" else "all"), []).append(j)
-            payload.append(value)
+        room = self.settings["cache_documents"] - len(self._cache)
         for (kind, mask), js in groups.items():
             if kind == "text":
                 docs = chat.encode_text(self.tokenizer, [payload[j] for j in js],
@@ -132,11 +139,15 @@ class RecordEncoder:
                                          chat_template=self.settings["chat_template"])
             for j, d in zip(js, docs):
                 out[j] = d
+                if room > 0:
+                    self._cache[tagged[j][:2]] = d
+                    room -= 1
         return out
 
 
 def build_stream(cfg, seed: int = 0, shard: tuple[int, int] = (0, 1)):
-    """The infinite grain MapDataset of (source number, record), mixed by weight."""
+    """The infinite grain MapDataset of (source number, record index, record), mixed by
+    weight."""
     grain = _grain()
     cfg = _as_dict(cfg)
     specs = _source_specs(cfg)
@@ -150,10 +161,10 @@ def build_stream(cfg, seed: int = 0, shard: tuple[int, int] = (0, 1)):
         if len(src) < count:
             raise ValueError(f"data.sources[{k}] has {len(src)} records, fewer than the "
                              f"{count} hosts sharing it")
-        ds = grain.MapDataset.source(src)[index::count]
+        ds = grain.MapDataset.source(src).map_with_index(lambda i, r: (i, r))[index::count]
         if settings["shuffle"]:
             ds = ds.shuffle(seed=(seed * 1_000_003 + k) % 2**31)
-        ds = ds.repeat().map(lambda r, k=k: (k, r))
+        ds = ds.repeat().map(lambda ir, k=k: (k, *ir))
         streams.append(ds)
     if len(streams) == 1:
         return streams[0], specs, settings
@@ -262,7 +273,8 @@ class BatchIterator:
 
 
 def _fingerprint(cfg, tokenizer, seq_len, batch_size, seed, shard) -> str:
-    blob = json.dumps({"cfg": _as_dict(cfg), "vocab": len(tokenizer), "seq_len": seq_len,
+    cfg = {k: v for k, v in _as_dict(cfg).items() if k != "cache_documents"}  # no effect on data
+    blob = json.dumps({"cfg": cfg, "vocab": len(tokenizer), "seq_len": seq_len,
                        "batch_size": batch_size, "seed": seed, "shard": list(shard),
                        "tokenizer": getattr(tokenizer, "name_or_path", "")},
                       sort_keys=True, default=str)

@@ -146,7 +146,7 @@ class Trainer:
 
         def step(trainable, frozen, rest, opt_state, t_params, t_rest, batch):
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, rest, t_params, t_rest, batch)
-            gnorm = optax.global_norm(grads)
+            gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
             finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
             lr = current_lr(opt_state, sched)
             updates, new_opt = tx.update(grads, opt_state, trainable)

@@ -65,10 +65,12 @@ def tiny_student(teacher, new_layers=(1,), seed: int = 1) -> nnx.Module:
 
 
 class Batches:
-    """Deterministic batches [B, T]: two packed documents per row, some right padding."""
+    """Deterministic batches [B, T]: two packed documents per row, some right padding.
 
-    def __init__(self, batch_size: int, seq_len: int, *, seed: int = 0, limit: int | None = None, completion: bool = False):
-        self.b, self.t, self.seed, self.limit, self.completion = batch_size, seq_len, seed, limit, completion
+    `fixed`: the same batch every time (so a loss curve is not batch noise)."""
+
+    def __init__(self, batch_size: int, seq_len: int, *, seed: int = 0, limit: int | None = None, completion: bool = False, fixed: bool = False):
+        self.b, self.t, self.seed, self.limit, self.completion, self.fixed = batch_size, seq_len, seed, limit, completion, fixed
         self.index = 0
 
     def get_state(self):
@@ -83,7 +85,7 @@ class Batches:
     def __next__(self):
         if self.limit is not None and self.index >= self.limit:
             raise StopIteration
-        rng = np.random.default_rng([self.seed, self.index])
+        rng = np.random.default_rng([self.seed, 0 if self.fixed else self.index])
         self.index += 1
         b, t = self.b, self.t
         # A learnable pattern: token t+1 = (token t + 1) mod 16 + 16 * doc, with random starts.
