@@ -90,7 +90,7 @@ def test_hosts_get_disjoint_shards():
     for host in range(3):
         stream, _, _ = pipeline.build_stream(cfg, seed=0, shard=(host, 3))
         size = len(range(host, n, 3))
-        epoch = [stream[i][1]["question"] for i in range(size)]
+        epoch = [stream[i][2]["question"] for i in range(size)]
         assert len(set(epoch)) == size  # one epoch visits each of its records once
         seen.append(set(epoch))
     assert set.union(*seen) == {q["question"] for q in microworld.World().open_questions()}
