@@ -93,20 +93,20 @@ def _pairwise(a_ref, b_ref, g_ref, out_ref, *, strict):
     G = g_ref[...]
     b = b_ref[...]
     rows = _iota((C, 1), 0)
-    for i in range(C // _SUB):
-        lo = i * _SUB
+    lane = _iota((_SUB, C), 1)
+
+    def sub_block(i, carry):
+        lo = pl.multiple_of(i * _SUB, _SUB)
         a_i = a_ref[pl.ds(lo, _SUB), :]
         G_i = g_ref[pl.ds(lo, _SUB), :]
-        acc = jnp.zeros((_SUB, C), _F32)
-        if i > 0:  # columns s <= r = lo - 1, through the reference token r
-            G_r = _row(g_ref, lo - 1)
-            before = rows < lo
-            right = jnp.where(before, b * jnp.exp(jnp.where(before, G_r - G, 0.0)), 0.0)
-            acc = _dot_nt(a_i * jnp.exp(G_i - G_r), right)
+        # Columns s < lo through the reference token r = lo - 1 (all zero for the first block).
+        G_r = _row(g_ref, jnp.maximum(lo - 1, 0))
+        before = rows < lo
+        right = jnp.where(before, b * jnp.exp(jnp.where(before, G_r - G, 0.0)), 0.0)
+        acc = _dot_nt(a_i * jnp.exp(G_i - G_r), right)
         t = _iota((_SUB, 1), 0) + lo
-        lane = _iota((_SUB, C), 1)
 
-        def diag_column(j, acc, a_i=a_i, G_i=G_i, t=t, lane=lane, lo=lo):
+        def diag_column(j, acc):
             s = lo + j
             valid = t > s if strict else t >= s
             w = jnp.exp(jnp.where(valid, G_i - _row(g_ref, s), 0.0))
@@ -114,68 +114,73 @@ def _pairwise(a_ref, b_ref, g_ref, out_ref, *, strict):
             return jnp.where(lane == s, jnp.where(valid, col, 0.0), acc)
 
         out_ref[pl.ds(lo, _SUB), :] = lax.fori_loop(0, _SUB, diag_column, acc)
+        return carry
+
+    lax.fori_loop(0, C // _SUB, sub_block, 0)
 
 
-def _pairwise_rows_bwd(dm_ref, b_ref, g_ref):
-    """X[t] = sum_{s<=t} dM[t,s] b_s exp(G_t - G_s)  (dM is zero above the diagonal)."""
+def _pairwise_rows_bwd(dm_ref, b_ref, g_ref, out_ref):
+    """out[t] = sum_{s<=t} dM[t,s] b_s exp(G_t - G_s)  (dM is zero above the diagonal)."""
     C = g_ref.shape[0]
     G = g_ref[...]
     b = b_ref[...]
     rows = _iota((C, 1), 0)
-    blocks = []
-    for i in range(C // _SUB):
-        lo = i * _SUB
+    lane = _iota((_SUB, C), 1)
+
+    def sub_block(i, carry):
+        lo = pl.multiple_of(i * _SUB, _SUB)
         dm_i = dm_ref[pl.ds(lo, _SUB), :]
         G_i = g_ref[pl.ds(lo, _SUB), :]
-        x = jnp.zeros((_SUB, G.shape[1]), _F32)
-        if i > 0:
-            G_r = _row(g_ref, lo - 1)
-            before = rows < lo
-            right = jnp.where(before, b * jnp.exp(jnp.where(before, G_r - G, 0.0)), 0.0)
-            x = jnp.exp(G_i - G_r) * _dot(dm_i, right)
+        G_r = _row(g_ref, jnp.maximum(lo - 1, 0))
+        before = rows < lo
+        right = jnp.where(before, b * jnp.exp(jnp.where(before, G_r - G, 0.0)), 0.0)
+        x = jnp.exp(G_i - G_r) * _dot(dm_i, right)
         t = _iota((_SUB, 1), 0) + lo
-        lane = _iota((_SUB, C), 1)
 
-        def diag_column(j, x, dm_i=dm_i, G_i=G_i, t=t, lane=lane, lo=lo):
+        def diag_column(j, x):
             s = lo + j
             col = jnp.sum(jnp.where(lane == s, dm_i, 0.0), axis=-1, keepdims=True)
             w = jnp.exp(jnp.where(t >= s, G_i - _row(g_ref, s), 0.0))
             return x + col * _row(b_ref, s) * w
 
-        blocks.append(lax.fori_loop(0, _SUB, diag_column, x))
-    return jnp.concatenate(blocks, axis=0)
+        out_ref[pl.ds(lo, _SUB), :] = lax.fori_loop(0, _SUB, diag_column, x)
+        return carry
+
+    lax.fori_loop(0, C // _SUB, sub_block, 0)
+    return out_ref[...]
 
 
-def _pairwise_cols_bwd(dmt_ref, a_ref, g_ref):
-    """Y[s] = sum_{t>=s} dM[t,s] a_t exp(G_t - G_s), given dMt = dM^T (zero below diagonal)."""
+def _pairwise_cols_bwd(dmt_ref, a_ref, g_ref, out_ref):
+    """out[s] = sum_{t>=s} dM[t,s] a_t exp(G_t - G_s), given dMt = dM^T (zero below diagonal)."""
     C = g_ref.shape[0]
     G = g_ref[...]
     a = a_ref[...]
     rows = _iota((C, 1), 0)
-    nb = C // _SUB
-    blocks = []
-    for j in range(nb):
-        lo = j * _SUB
+    lane = _iota((_SUB, C), 1)
+
+    def sub_block(j, carry):
+        lo = pl.multiple_of(j * _SUB, _SUB)
         dmt_j = dmt_ref[pl.ds(lo, _SUB), :]
         G_j = g_ref[pl.ds(lo, _SUB), :]
-        y = jnp.zeros((_SUB, G.shape[1]), _F32)
-        if j < nb - 1:  # rows t > r = last token of this sub-block
-            r = lo + _SUB - 1
-            G_r = _row(g_ref, r)
-            after = rows > r
-            right = jnp.where(after, a * jnp.exp(jnp.where(after, G - G_r, 0.0)), 0.0)
-            y = jnp.exp(G_r - G_j) * _dot(dmt_j, right)
+        # Rows t > r through r = the sub-block's last token (all zero for the last block).
+        r = lo + _SUB - 1
+        G_r = _row(g_ref, r)
+        after = rows > r
+        right = jnp.where(after, a * jnp.exp(jnp.where(after, G - G_r, 0.0)), 0.0)
+        y = jnp.exp(G_r - G_j) * _dot(dmt_j, right)
         s = _iota((_SUB, 1), 0) + lo
-        lane = _iota((_SUB, C), 1)
 
-        def diag_column(i, y, dmt_j=dmt_j, G_j=G_j, s=s, lane=lane, lo=lo):
+        def diag_column(i, y):
             t = lo + i
             col = jnp.sum(jnp.where(lane == t, dmt_j, 0.0), axis=-1, keepdims=True)
             w = jnp.exp(jnp.where(s <= t, _row(g_ref, t) - G_j, 0.0))
             return y + col * _row(a_ref, t) * w
 
-        blocks.append(lax.fori_loop(0, _SUB, diag_column, y))
-    return jnp.concatenate(blocks, axis=0)
+        out_ref[pl.ds(lo, _SUB), :] = lax.fori_loop(0, _SUB, diag_column, y)
+        return carry
+
+    lax.fori_loop(0, C // _SUB, sub_block, 0)
+    return out_ref[...]
 
 
 def _unit_lower_inverse(a):
@@ -301,7 +306,7 @@ def _bwd_kernel(*refs, cfg):
     q_ref, k_ref, v_ref, g_ref, b_ref, brow_ref, h_ref, do_ref, dht_ref = refs[:9]
     seg = refs[9:9 + n_seg] or None
     (dq_ref, dk_ref, dv_ref, dg_ref, db_ref, dh0_ref,
-     ds_ref, qs_s, k_s, G_s, a_s, p_s, dm_s, dmt_s) = refs[9 + n_seg:]
+     ds_ref, qs_s, k_s, G_s, a_s, p_s, dm_s, dmt_s, x_s) = refs[9 + n_seg:]
     C = cfg.chunk
     i = pl.program_id(2)
 
@@ -344,13 +349,13 @@ def _bwd_kernel(*refs, cfg):
     # Gradients through P (q side rows, k side columns) ...
     dm_s[...] = jnp.where(lower_eq, _dot_nt(dO, D), 0.0)
     dmt_s[...] = jnp.where(upper_eq, _dot_nt(D, dO), 0.0)
-    xp = _pairwise_rows_bwd(dm_s, k_s, G_s)
-    yp = _pairwise_cols_bwd(dmt_s, qs_s, G_s)
+    xp = _pairwise_rows_bwd(dm_s, k_s, G_s, x_s)
+    yp = _pairwise_cols_bwd(dmt_s, qs_s, G_s, x_s)
     # ... and through At = k.k decay products (scaled by beta of the row token).
     dm_s[...] = ch.beta * dA
     dmt_s[...] = dAt * brow_ref[...].astype(_F32)
-    xa = _pairwise_rows_bwd(dm_s, k_s, G_s)
-    ya = _pairwise_cols_bwd(dmt_s, k_s, G_s)
+    xa = _pairwise_rows_bwd(dm_s, k_s, G_s, x_s)
+    ya = _pairwise_cols_bwd(dmt_s, k_s, G_s, x_s)
 
     dqs = dQg * ch.eG + xp
     dk = dKg * ch.eG + dKd * ch.ed + yp + xa + ya
@@ -377,9 +382,9 @@ def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def _scratch(cfg, Kp, Vp, n_cc):
+def _scratch(cfg, Kp, Vp, n_ck, n_cc):
     C = cfg.chunk
-    return ([pltpu.VMEM((Vp, Kp), _F32)] + [pltpu.VMEM((C, Kp), _F32)] * 3
+    return ([pltpu.VMEM((Vp, Kp), _F32)] + [pltpu.VMEM((C, Kp), _F32)] * n_ck
             + [pltpu.VMEM((C, C), _F32)] * n_cc)
 
 
@@ -412,7 +417,7 @@ def _forward(cfg, q, k, v, g, beta_col, h0, seg, *, emit_states):
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, emit_states=emit_states),
         grid=(B, H, n), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=_scratch(cfg, Kp, Vp, 2), compiler_params=_params(),
+        scratch_shapes=_scratch(cfg, Kp, Vp, 3, 2), compiler_params=_params(),
         interpret=cfg.interpret, name="kda_fwd_states" if emit_states else "kda_fwd",
     )(*args)
 
@@ -441,7 +446,7 @@ def _backward(cfg, q, k, v, g, beta_col, h, do, dht, seg):
     return pl.pallas_call(
         functools.partial(_bwd_kernel, cfg=cfg),
         grid=(B, H, n), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=_scratch(cfg, Kp, Vp, 4), compiler_params=_params(),
+        scratch_shapes=_scratch(cfg, Kp, Vp, 3, 4) + [pltpu.VMEM((C, Kp), _F32)], compiler_params=_params(),
         interpret=cfg.interpret, name="kda_bwd",
     )(*args)
 
