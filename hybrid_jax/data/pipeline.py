@@ -73,7 +73,24 @@ def _settings(cfg: dict) -> dict:
     return s
 
 
+def _shorthand(cfg: dict) -> list[dict]:
+    """The single-source form of hybrid_jax.config's `data` section (source/path/split)."""
+    src, path, split = cfg["source"], cfg.get("path") or "", cfg.get("split") or ""
+    if src in ("microworld", "micro_world"):
+        world = {"world": cfg["world"]} if cfg.get("world") else {}
+        tasks = ["corpus", "instruct"] if split in ("", "train") else [split]
+        return [{"kind": "microworld", "task": t, **world} for t in tasks]
+    if src == "tfds":
+        return [{"kind": "tfds", "name": path, "split": split or "train",
+                 "data_dir": cfg.get("data_dir")}]
+    if src == "hf_disk":
+        return [{"kind": "hf_disk", "path": path, "split": split or None}]
+    return [{"kind": src, "path": path}]
+
+
 def _source_specs(cfg: dict) -> list[dict]:
+    if not cfg.get("sources") and cfg.get("source"):
+        return _shorthand(cfg)
     specs = [_as_dict(s) for s in (cfg.get("sources") or [])]
     if not specs:
         raise ValueError("data.sources is empty: list at least one source, e.g. "

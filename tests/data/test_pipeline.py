@@ -143,3 +143,20 @@ def test_missing_grain_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "grain", None)
     with pytest.raises(ImportError, match="'grain' package"):
         pipeline.build_stream({"sources": [{"kind": "microworld", "task": "open"}]})
+
+
+def test_single_source_shorthand(tmp_path, micro_tokenizer):
+    """hybrid_jax.config's `data` section names one source: source / path / split."""
+    short = pipeline.make_batches({"source": "micro_world", "split": "train", "shuffle": False},
+                                  micro_tokenizer, 64, 2, shard=(0, 1), prefetch=0)
+    full = pipeline.make_batches(
+        {"sources": [{"kind": "microworld", "task": "corpus"},
+                     {"kind": "microworld", "task": "instruct"}], "shuffle": False},
+        micro_tokenizer, 64, 2, shard=(0, 1), prefetch=0)
+    assert _equal(next(short), next(full))
+    p = _long_docs(tmp_path)
+    a = pipeline.make_batches({"source": "jsonl", "path": p}, micro_tokenizer, 32, 2, shard=(0, 1),
+                              prefetch=0)
+    b = pipeline.make_batches({"sources": [{"kind": "jsonl", "path": p}]}, micro_tokenizer, 32, 2,
+                              shard=(0, 1), prefetch=0)
+    assert _equal(next(a), next(b))
