@@ -135,15 +135,20 @@ def sweep(q, k, v, do, window, repeats):
     """Tries a few block shapes; returns the fastest forward and backward settings."""
     scale = q.shape[-1] ** -0.5
     best = dict(swa_gpu.DEFAULT_CONFIG)
-    fwd_opts = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
-                for bq, bk, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                                     (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)]]
-    bwd_opts = [dict(bwd_block_q=bq, bwd_block_k=bk, bwd_num_warps=w, bwd_num_stages=s)
-                for bq, bk, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2),
-                                     (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2)]]
-    for opts, mode in ((fwd_opts, "fwd"), (bwd_opts, "fwd+bwd")):
+    def opts(prefix, shapes):
+        return [{f"{prefix}block_q": bq, f"{prefix}block_k": bk, f"{prefix}num_warps": w,
+                 f"{prefix}num_stages": s} for bq, bk, w, s in shapes]
+    stages = [
+        (opts("", [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 2),
+                   (64, 128, 4, 2)]), "fwd"),
+        (opts("dq_", [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
+                      (64, 64, 4, 3), (128, 32, 4, 2)]), "fwd+bwd"),
+        (opts("dkv_", [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2),
+                       (32, 64, 4, 2), (64, 128, 4, 2)]), "fwd+bwd"),
+    ]
+    for options, mode in stages:
         timings = []
-        for o in opts:
+        for o in options:
             c = dict(best, **o)
 
             def attn(q, k, v, c=c):

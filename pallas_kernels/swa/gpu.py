@@ -72,14 +72,14 @@ def _fwd_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale2, wind
         acc, m, l = carry
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot(q, k, _NT) * scale2
+        s = _dot(q, k, _NT)  # unscaled: scale2 > 0 commutes with max, and folds into the FMA
         if masked:
             kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
             s = jnp.where(_visible(qpos, kpos, qstart[:, None], window, sinks, full_causal),
                           s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
+        m_new = jnp.maximum(m, s.max(axis=1) * scale2)
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        p = jnp.exp2(s * scale2 - m_new[:, None])
         l = alpha * l + p.sum(axis=1)
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
@@ -105,12 +105,12 @@ def _dq_kernel(starts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_r
     def body(j, dq, *, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot(q, k, _NT) * scale2
+        s = _dot(q, k, _NT)
         if masked:
             kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
             s = jnp.where(_visible(qpos, kpos, qstart[:, None], window, sinks, full_causal),
                           s, MASK_VALUE)
-        p = jnp.exp2(s - lse)
+        p = jnp.exp2(s * scale2 - lse)
         ds = p * (_dot(do, v, _NT) - delta)
         return dq + _dot(ds.astype(k.dtype), k)
 
@@ -141,13 +141,13 @@ def _dkdv_kernel(starts_ref, qend_ref, fullend_ref, q_ref, k_ref, v_ref, do_ref,
             do = do_ref[pl.ds(i * bq, bq), g, :]
             lse = lse_ref[g, pl.ds(i * bq, bq)][None, :]
             delta = delta_ref[g, pl.ds(i * bq, bq)][None, :]
-            st = _dot(k, q, _NT) * scale2  # [bk, bq]: keys on rows
+            st = _dot(k, q, _NT)  # [bk, bq]: keys on rows
             if masked:
                 qpos = i * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
                 qstart = starts_ref[pl.ds(i * bq, bq)][None, :]
                 st = jnp.where(_visible(qpos, kpos, qstart, window, sinks, full_causal),
                                st, MASK_VALUE)
-            pt = jnp.exp2(st - lse)
+            pt = jnp.exp2(st * scale2 - lse)
             dv = dv + _dot(pt.astype(do.dtype), do)
             dst = pt * (_dot(v, do, _NT) - delta)
             dk = dk + _dot(dst.astype(q.dtype), q)
@@ -205,14 +205,12 @@ def _backward(q, k, v, o, lse, do, starts, cfg):
     b, tp, hq, d = q.shape
     hkv = k.shape[2]
     groups = hq // hkv
-    bq, bk = cfg["bwd_block_q"], cfg["bwd_block_k"]
     window, sinks = cfg["window"], cfg["sinks"]
     common = dict(scale=cfg["scale"], scale2=cfg["scale"] * LOG2E, window=window, sinks=sinks,
                   full_causal=window >= tp)
     # delta_t = sum_d o_td * do_td = sum_s p_ts dp_ts (the softmax-backward row term).
     delta = jnp.einsum("bthd,bthd->bht", o.astype(F32), do.astype(F32))
-    params = _params(cfg["bwd_num_warps"], cfg["bwd_num_stages"], cfg["interpret"])
-
+    bq, bk = cfg["dq_block_q"], cfg["dq_block_k"]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, bq=bq, bk=bk, nk=tp // bk, **common),
         grid=(b, hq, tp // bq),
@@ -228,8 +226,10 @@ def _backward(q, k, v, o, lse, do, starts, cfg):
         out_specs=pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         name="swa_bwd_dq",
-        **params,
+        **_params(cfg["dq_num_warps"], cfg["dq_num_stages"], cfg["interpret"]),
     )(starts, q, k, v, do, lse, delta)
+
+    bq, bk = cfg["dkv_block_q"], cfg["dkv_block_k"]
 
     q_end, full_end = key_block_query_range(starts, window=window, sinks=sinks, block_k=bk)
     nk = tp // bk
@@ -250,7 +250,7 @@ def _backward(q, k, v, o, lse, do, starts, cfg):
         out_specs=[pl.BlockSpec((None, bk, None, d), lambda b_, h, j: (b_, j, h, 0))] * 2,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         name="swa_bwd_dkdv",
-        **params,
+        **_params(cfg["dkv_num_warps"], cfg["dkv_num_stages"], cfg["interpret"]),
     )(starts, q_end, full_end, q, k, v, do, lse, delta)
     return dq, dk, dv
 
@@ -274,7 +274,9 @@ def _swa_bwd(cfg, res, do):
 _swa.defvjp(_swa_fwd, _swa_bwd)
 
 DEFAULT_CONFIG = dict(block_q=128, block_k=128, num_warps=8, num_stages=2,
-                      bwd_block_q=64, bwd_block_k=64, bwd_num_warps=4, bwd_num_stages=2)
+                      dq_block_q=64, dq_block_k=64, dq_num_warps=4, dq_num_stages=2,
+                      dkv_block_q=64, dkv_block_k=64, dkv_num_warps=4, dkv_num_stages=2)
+BLOCK_KEYS = ("block_q", "block_k", "dq_block_q", "dq_block_k", "dkv_block_q", "dkv_block_k")
 
 
 def swa_attention_gpu(q, k, v, *, window, sinks, segment_ids, scale, interpret=False,
@@ -285,7 +287,7 @@ def swa_attention_gpu(q, k, v, *, window, sinks, segment_ids, scale, interpret=F
     if not interpret and (d < 16 or d & (d - 1)):
         raise ValueError(f"swa_attention(backend='pallas_gpu'): head_dim must be a power of two "
                          f">= 16 for the Triton kernel, got {d}; use backend='reference'")
-    tp = round_up(t, max(cfg["block_q"], cfg["block_k"], cfg["bwd_block_q"], cfg["bwd_block_k"]))
+    tp = round_up(t, max(cfg[key] for key in BLOCK_KEYS))
     starts = padded_starts(segment_ids, b, t, tp)
     cfg.update(window=min(window, tp), sinks=min(sinks, tp), scale=scale, interpret=interpret)
     o = _swa(pad_time(q, tp), pad_time(k, tp), pad_time(v, tp), starts,
