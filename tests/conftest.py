@@ -3,6 +3,10 @@ import os
 import jax
 import pytest
 
+# No test may reach the network: data sets and models are local files written by the tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 # Tests compare against float32/float64 oracles; keep matmuls in full precision on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
 
