@@ -94,3 +94,17 @@ def random_padded_batch(rng: np.random.Generator, batch: int, length: int, vocab
         mask[b, : length - rng.integers(min_len, length + 1)] = 0
     mask[0] = 1  # one unpadded row
     return np.where(mask == 1, ids, 0).astype(np.int32), mask
+
+
+def _logits(model, input_ids, attention_mask, segment_ids):
+    return model(input_ids, attention_mask, segment_ids=segment_ids)
+
+
+def logits_of(model, input_ids, attention_mask=None, segment_ids=None):
+    """model(...) compiled once per shape: eager NNX dispatch is slow on a busy 2-core machine."""
+    from flax import nnx
+
+    global _JIT_LOGITS
+    if "_JIT_LOGITS" not in globals():
+        _JIT_LOGITS = nnx.jit(_logits)
+    return _JIT_LOGITS(model, input_ids, attention_mask, segment_ids)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hybrid_jax.layers.attention import Attention
@@ -208,7 +208,7 @@ def _open(path: Path):
     from safetensors import safe_open
 
     try:
-        return safe_open(str(path), framework="flax")
+        return safe_open(str(path), framework="numpy")
     except Exception as e:
         raise CheckpointError(f"load_pretrained: cannot read safetensors file {path}: corrupt or not safetensors "
                               f"({type(e).__name__}: {e})") from e
@@ -288,10 +288,9 @@ def _load_one(reader, file: Path, key: str, var: nnx.Variable, tf, sharding) -> 
         x = reader.get_tensor(key)
     except Exception as e:
         raise CheckpointError(f"load_pretrained: cannot read {key} from {file}: {type(e).__name__}: {e}") from e
-    x = jnp.asarray(tf.to_jax(x, shape), dtype)
-    if sharding is not None:
-        x = jax.device_put(x, sharding(var))
-    var.set_value(x)
+    # Layout and dtype changes happen in numpy: one host copy of one tensor, no per-shape compiles.
+    x = np.ascontiguousarray(tf.to_jax(x, shape)).astype(dtype, copy=False)
+    var.set_value(jax.device_put(x, sharding(var) if sharding is not None else None))
 
 
 def _gen_config(config, gen: Mapping | None) -> dict:

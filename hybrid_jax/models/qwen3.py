@@ -272,5 +272,9 @@ class DecoderLM(nnx.Module):
 
 
 def Qwen3(config: Qwen3Config, *, rngs: nnx.Rngs | None = None, **kwargs) -> DecoderLM:
-    """The Qwen3 teacher: a DecoderLM with an `Attention` mixer in every block (random init)."""
-    return DecoderLM(config, rngs=rngs or nnx.Rngs(0), **kwargs)
+    """The Qwen3 teacher: a DecoderLM with an `Attention` mixer in every block (random init).
+
+    Built inside one jit so initialisation is a single compiled program, not hundreds of eager ops.
+    """
+    rngs = rngs or nnx.Rngs(0)
+    return nnx.jit(lambda r: DecoderLM(config, rngs=r, **kwargs))(rngs)

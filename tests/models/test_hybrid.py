@@ -1,0 +1,161 @@
+"""Hybrid students: decode = forward per mixer, packing, teacher initialisation, specs, serialisation."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybrid_jax.config import QWEN3_0P6B_KDA_ATTENTION, ConfigError
+from hybrid_jax.models.cache import init_cache
+from hybrid_jax.models.hybrid import (build_student, build_student_from_config, layer_kinds,
+                                      student_config_dict)
+from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config, default_positions
+
+CFG = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128, initializer_range=0.2,
+                  tie_word_embeddings=False)
+FAST = {"kda": {"chunk_size": 8, "backend": "reference"}, "gdn": {"chunk_size": 8, "backend": "reference"}}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return Qwen3(CFG, rngs=nnx.Rngs(1))
+
+
+def randomize_new_params(model, seed=0):
+    """Identity convs, a zero output-gate projection and alpha = 0 would hide bugs: perturb every parameter."""
+    key = jax.random.PRNGKey(seed)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param) and "mixer" in path:
+            key, sub = jax.random.split(key)
+            var.set_value(var[...] + 0.1 * jax.random.normal(sub, var.shape, var.dtype))
+
+
+@nnx.jit
+def _forward(model, ids, mask, seg):
+    return model(ids, mask, segment_ids=seg)
+
+
+@nnx.jit
+def _cached(model, ids, mask, pos, cache):
+    out = model.forward(ids, mask, positions=pos, cache=cache)
+    return out.logits, out.cache
+
+
+def check_decode_equals_forward(model, prompt_len=5, chunk=3, T=11):
+    """Left-padded batch: prefill, a multi-token continuation, then token-by-token decode."""
+    ids = jax.random.randint(jax.random.PRNGKey(0), (2, T), 0, CFG.vocab_size)
+    mask = jnp.ones((2, T), jnp.int32).at[0, :3].set(0)
+    full = _forward(model, ids, mask, None)
+    pos = default_positions(mask)
+    cache = init_cache(model, 2, 16)
+    outs, t = [], 0
+    for n in [prompt_len, chunk] + [1] * (T - prompt_len - chunk):
+        logits, cache = _cached(model, ids[:, t:t + n], mask[:, t:t + n], pos[:, t:t + n], cache)
+        outs.append(logits)
+        t += n
+    got = np.asarray(jnp.concatenate(outs, axis=1))
+    real = np.asarray(mask) != 0
+    np.testing.assert_allclose(got[real], np.asarray(full)[real], atol=1e-4, rtol=1e-4)
+    assert int(cache[0]["index"]) == T
+
+
+def check_packing(model):
+    ids = jax.random.randint(jax.random.PRNGKey(5), (1, 10), 0, CFG.vocab_size)
+    seg = jnp.asarray([[1] * 4 + [2] * 6], jnp.int32)
+    packed = _forward(model, ids, None, seg)
+    a = _forward(model, ids[:, :4], None, None)
+    b = _forward(model, ids[:, 4:], None, None)
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(jnp.concatenate([a, b], 1)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["attention:0,2;kda:1,3", "gdn:0,1;attention:2;kda:3"])
+def test_decode_equals_forward_and_packing(teacher, spec):
+    student = build_student(teacher, spec, FAST)
+    randomize_new_params(student)
+    check_decode_equals_forward(student)
+    check_packing(student)
+
+
+def test_build_student_copies_exactly_what_it_should(teacher):
+    student = build_student(teacher, "attention:0,2;kda:1;gdn:3", FAST)
+    eq = lambda a, b: np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
+    eq(student.embed, teacher.embed)
+    eq(student.lm_head, teacher.lm_head)
+    eq(student.norm.weight, teacher.norm.weight)
+    for sb, tb in zip(student.blocks, teacher.blocks):
+        for name in ("gate", "up", "down"):
+            eq(getattr(sb.mlp, name), getattr(tb.mlp, name))
+        eq(sb.input_norm.weight, tb.input_norm.weight)
+        eq(sb.post_attention_norm.weight, tb.post_attention_norm.weight)
+    assert layer_kinds(student) == ("attention", "kda", "attention", "gdn")
+    for i in (0, 2):
+        s_state = nnx.state(student.blocks[i].mixer, nnx.Param)
+        t_state = nnx.state(teacher.blocks[i].mixer, nnx.Param)
+        jax.tree.map(np.testing.assert_array_equal, s_state, t_state)
+    g = CFG.num_attention_heads // CFG.num_key_value_heads
+    for i in (1, 3):
+        m, a = student.blocks[i].mixer, teacher.blocks[i].mixer
+        eq(m.q_proj, a.q_proj)
+        eq(m.o_proj, a.o_proj)
+        for h in range(CFG.num_attention_heads):  # query head h reads kv head h // g
+            np.testing.assert_array_equal(np.asarray(m.k_proj[...][:, h]), np.asarray(a.k_proj[...][:, h // g]))
+            np.testing.assert_array_equal(np.asarray(m.v_proj[...][:, h]), np.asarray(a.v_proj[...][:, h // g]))
+        w = np.asarray(m.k_conv.weight[...])
+        assert (w[-1] == 1).all() and not w[:-1].any()
+        assert not np.asarray(m.g_up[...]).any()  # output gate sigmoid(0) = 0.5
+        A = np.exp(np.asarray(m.A_log[...]))
+        assert ((A >= 1) & (A <= 16)).all()
+    # Fresh buffers: the student never aliases the teacher's arrays (donation would delete them).
+    assert student.embed[...].unsafe_buffer_pointer() != teacher.embed[...].unsafe_buffer_pointer()
+
+
+def test_random_init_copies_nothing(teacher):
+    student = build_student(teacher, "attention:0,2;kda:1,3", FAST, init_from_teacher=False, rngs=nnx.Rngs(7))
+    assert not np.array_equal(np.asarray(student.embed[...]), np.asarray(teacher.embed[...]))
+
+
+def test_config_round_trip(teacher):
+    student = build_student(teacher, "attention:0;kda:1,3;gdn:2",
+                            {**FAST, "layers": {3: {"A_init_range": [2.0, 4.0]}}})
+    cfg = json.loads(json.dumps(student_config_dict(student)))
+    assert cfg["layer_spec"] == "attention:0;kda:1,3;gdn:2"
+    assert cfg["layers"][3]["A_init_range"] == [2.0, 4.0] and cfg["layers"][1]["A_init_range"] == [1.0, 16.0]
+    clone = build_student_from_config(cfg, rngs=nnx.Rngs(3))
+    assert student_config_dict(clone) == cfg
+    nnx.update(clone, nnx.state(student))
+    ids = jnp.arange(8)[None] % CFG.vocab_size
+    np.testing.assert_array_equal(np.asarray(_forward(clone, ids, None, None)),
+                                  np.asarray(_forward(student, ids, None, None)))
+
+
+def test_hybrid_kda_preset_for_qwen3_0p6b_layout():
+    cfg = CFG.replace(num_hidden_layers=28, hidden_size=16, intermediate_size=16, vocab_size=32)
+    student = build_student(Qwen3(cfg), "qwen3_0p6b_hybrid_kda", FAST, init_from_teacher=False)
+    kinds = layer_kinds(student)
+    assert {i for i, k in enumerate(kinds) if k == "attention"} == set(QWEN3_0P6B_KDA_ATTENTION)
+    assert kinds.count("kda") == 21
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("attention:0,2;kda:1", r"layer\(s\) \[3\] are not named"),
+    ("attention:0,1,2;kda:1,3", "named twice"),
+    ("attention:0,2;mamba:1,3", "unknown mixer 'mamba'"),
+    ("attention:0,2;kda:1,3,4", "out of range"),
+    ("attention 0,2", "lacks ':'"),
+])
+def test_layer_spec_errors(teacher, spec, match):
+    with pytest.raises(ConfigError, match=match):
+        build_student(teacher, spec)
+
+
+def test_mixer_config_errors(teacher):
+    with pytest.raises(ConfigError, match="unknown key 'chunk'"):
+        build_student(teacher, "attention:0,2;kda:1,3", {"kda": {"chunk": 8}})
+    with pytest.raises(ConfigError, match="unknown mixer 'mamba'"):
+        build_student(teacher, "attention:0,2;kda:1,3", {"mamba": {}})
+    with pytest.raises(ConfigError, match="out of range"):
+        build_student(teacher, "attention:0,2;kda:1,3", {"layers": {9: {}}})
