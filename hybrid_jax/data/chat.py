@@ -134,7 +134,7 @@ def encode_chats(tokenizer, chats: list, *, loss_mask: str = "completion",
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False,
                     return_offsets_mapping=True)
     out = []
-    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
         ids = np.asarray(ids, np.int32)
         if loss_mask == "all":
             mask = np.ones(len(ids), bool)

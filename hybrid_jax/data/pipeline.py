@@ -27,8 +27,6 @@ import queue
 import threading
 from collections.abc import Mapping
 
-import numpy as np
-
 from hybrid_jax.data import chat, packing, sources
 
 log = logging.getLogger(__name__)
@@ -154,7 +152,7 @@ class RecordEncoder:
                 docs = chat.encode_chats(self.tokenizer, [payload[j] for j in js],
                                          loss_mask=mask,
                                          chat_template=self.settings["chat_template"])
-            for j, d in zip(js, docs):
+            for j, d in zip(js, docs, strict=True):
                 out[j] = d
                 if room > 0:
                     self._cache[tagged[j][:2]] = d

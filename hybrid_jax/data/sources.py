@@ -66,7 +66,8 @@ def _messages_from_columns(record: dict) -> dict:
     m = record.get("messages")
     if isinstance(m, dict):
         keys = list(m)
-        record["messages"] = [dict(zip(keys, vals)) for vals in zip(*(m[k] for k in keys))]
+        record["messages"] = [dict(zip(keys, vals, strict=True))
+                              for vals in zip(*(m[k] for k in keys), strict=True)]
     return record
 
 

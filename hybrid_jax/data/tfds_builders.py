@@ -97,8 +97,7 @@ class Microworld(tfds.core.GeneratorBasedBuilder):
         return {task_split(self.builder_config.task): self._generate_examples()}
 
     def _generate_examples(self):
-        for i, r in enumerate(task_records(self.builder_config.task, self.builder_config.world)):
-            yield i, r
+        yield from enumerate(task_records(self.builder_config.task, self.builder_config.world))
 
 
 def prepare(name: str, data_dir: str | None = None):

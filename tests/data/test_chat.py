@@ -48,7 +48,7 @@ def test_completion_mask_is_exactly_the_assistant_turns(micro_tokenizer, templat
     # Masked tokens are the assistant contents each followed by <|im_end|>, nothing else.
     expect = [m["content"] + "<|im_end|>" for m in CHAT if m["role"] == "assistant"]
     runs, cur = [], []
-    for t, m in zip(ids.tolist(), mask.tolist()):
+    for t, m in zip(ids.tolist(), mask.tolist(), strict=True):
         if m:
             cur.append(t)
         elif cur:

@@ -35,13 +35,13 @@ def test_questions_are_unambiguous_and_answers_are_the_facts():
     w = mw.World()
     qs = w.open_questions()
     assert len({q["question"] for q in qs}) == len(qs)
-    for q, f in zip(qs, w.facts):
+    for q, f in zip(qs, w.facts, strict=True):
         assert q["answer"] == f.value and q["entity"] == f.entity
         assert f.entity in q["question"]
     # Every fact is stated in the corpus and asked (with its answer) in the instruct data.
     corpus = " ".join(d["text"] for d in w.corpus())
     qa = {(c["messages"][0]["content"], c["messages"][1]["content"]) for c in w.instruct()}
-    for q, f in zip(qs, w.facts):
+    for q, f in zip(qs, w.facts, strict=True):
         spec = w.spec(f)
         assert any(t.format(s=f.entity, v=f.value) in corpus for t in spec.statements)
         assert (q["question"], f.value) in qa
@@ -50,7 +50,7 @@ def test_questions_are_unambiguous_and_answers_are_the_facts():
 def test_multiple_choice_has_one_correct_option_from_the_same_domain():
     w = mw.World()
     positions = Counter()
-    for e, f in zip(w.multiple_choice(), w.facts):
+    for e, f in zip(w.multiple_choice(), w.facts, strict=True):
         assert len(e["choices"]) == 4 == len(set(e["choices"]))
         assert e["choices"][e["answer_index"]] == f.value
         assert set(e["choices"]) <= set(w.domains[w.spec(f).domain])

@@ -72,7 +72,7 @@ def test_packing_drop_counts_and_keeps_the_rest():
     kept = [d for d in docs if len(d[0]) <= seq_len]
     pieces = [p for b in batches for p in packing.unpack(b)]
     assert all(len(p[0]) == 1 and p[0][0] == 0 for p in pieces[len(kept):])
-    for (ids, mask), (pids, pmask) in zip(kept, pieces):
+    for (ids, mask), (pids, pmask) in zip(kept, pieces[:len(kept)], strict=True):
         assert np.array_equal(ids, pids)
         assert np.array_equal(pmask[1:], mask[1:].astype(np.int32)) and pmask[0] == 0
     assert state.overlong_dropped == len(docs) - len(kept) > 0
