@@ -51,9 +51,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.kda.reference import L2NORM_EPS
+from pallas_kernels.kda.validate import validate_kda_inputs
 
-SUPPORTED_CHUNK_SIZES = (32, 64)
-MAX_HEAD_DIM = 256
 _SUB = 16  # sub-block of the pairwise-decay products (diagonal blocks are built on the VPU)
 _LANES = 128
 _F32 = jnp.float32
@@ -477,37 +476,6 @@ _kda.defvjp(_kda_fwd, _kda_bwd)
 # ----------------------------------------------------------------------------- public entry
 
 
-def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size):
-    if q.ndim != 4:
-        raise ValueError(f"q must be [B, T, H, K]; got shape {q.shape}")
-    B, T, H, K = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape {q.shape}; got {k.shape}")
-    if g.shape != q.shape:
-        raise ValueError(f"g must have q's shape {q.shape} (per-channel log-decay); got {g.shape}")
-    if v.ndim != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V]; got {v.shape}")
-    V = v.shape[-1]
-    if beta.shape != (B, T, H):
-        raise ValueError(f"beta must be [B, T, H] = {(B, T, H)}; got {beta.shape}")
-    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        raise ValueError(f"head dims K={K}, V={V}: the TPU kernel supports K, V <= {MAX_HEAD_DIM}; "
-                         "use backend='reference' for larger heads")
-    if chunk_size not in SUPPORTED_CHUNK_SIZES:
-        raise ValueError(f"chunk_size={chunk_size} is not supported; use one of {SUPPORTED_CHUNK_SIZES}")
-    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if x.dtype not in (jnp.float32, jnp.bfloat16):
-            raise ValueError(f"{name} must be float32 or bfloat16; got {x.dtype}")
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; "
-                         f"got {initial_state.shape}")
-    if segment_ids is not None:
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids must be [B, T] = {(B, T)}; got {segment_ids.shape}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids must be integers; got {segment_ids.dtype}")
-
-
 def _segment_inputs(segment_ids, T, Tp, C):
     """Per-token document index and the two chunk-boundary masks the kernels need."""
     seg = segment_ids.astype(jnp.int32)
@@ -533,9 +501,9 @@ def chunk_kda_tpu(q, k, v, g, beta, *, scale=None, initial_state=None, output_fi
     `interpret`: False (compile for TPU), True (Pallas's TPU interpreter on any backend) or a
     `pltpu.InterpretParams`.
     """
-    _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = validate_kda_inputs(
+        "chunk_kda_tpu", q, k, v, g, beta, initial_state=initial_state,
+        segment_ids=segment_ids, chunk_size=chunk_size, backend="pallas_tpu", scale=scale)
     C = int(chunk_size)
     Tp = -(-T // C) * C
     Kp = -(-K // _LANES) * _LANES

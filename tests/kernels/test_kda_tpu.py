@@ -62,6 +62,8 @@ CASES = [
     pytest.param(2, 130, 1, 32, 16, 64, True, True, False, True, True,
                  id="T130-c64-state-segments-strongdecay-beta01"),
     pytest.param(1, 64, 2, 64, 64, 64, True, False, False, True, False, id="T64-c64-H2-K64"),
+    pytest.param(1, 257, 3, 16, 16, 64, False, True, True, True, True,
+                 id="T257-c64-H3-segments-strongdecay-beta01"),
     pytest.param(1, 1, 1, 16, 16, 32, True, False, True, False, False, id="T1"),
 ]
 
@@ -114,9 +116,9 @@ def test_interpreter_poisons_unwritten_outputs():
     assert np.isnan(np.asarray(out)).all()
 
 
-@pytest.mark.parametrize("dtype,K,V,segments", [(jnp.bfloat16, 128, 128, True),
-                                                (jnp.float32, 256, 192, False)])
-def test_forward_and_backward_lower_for_tpu(dtype, K, V, segments):
+@pytest.mark.parametrize("dtype,K,V,C,segments", [(jnp.bfloat16, 128, 128, 64, True),
+                                                  (jnp.float32, 256, 192, 32, False)])
+def test_forward_and_backward_lower_for_tpu(dtype, K, V, C, segments):
     B, T, H = 1, 200, 2
     q, k, v, g, beta = (jnp.zeros(s, dtype) for s in
                         ((B, T, H, K), (B, T, H, K), (B, T, H, V), (B, T, H, K), (B, T, H)))
@@ -125,7 +127,7 @@ def test_forward_and_backward_lower_for_tpu(dtype, K, V, segments):
 
     def loss(q, k, v, g, beta, h0):
         o, s = chunk_kda_tpu(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                             use_qk_l2norm_in_kernel=True, segment_ids=seg)
+                             use_qk_l2norm_in_kernel=True, segment_ids=seg, chunk_size=C)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
     exported = jax.export.export(jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)))),
@@ -140,7 +142,7 @@ def test_forward_and_backward_lower_for_tpu(dtype, K, V, segments):
 
 @pytest.mark.parametrize("change,match", [
     (dict(chunk_size=48), "chunk_size"),
-    (dict(k_shape=(1, 8, 1, 300)), "K=300"),
+    (dict(k_shape=(1, 8, 1, 300)), r"K \(q/k head dim\)=300"),
     (dict(beta_shape=(1, 8, 2)), "beta"),
     (dict(state_shape=(1, 1, 16, 8)), "initial_state"),
     (dict(seg_shape=(1, 7)), "segment_ids"),
