@@ -44,27 +44,32 @@ BC = 16  # rows per sub-block inside a chunk (the smallest tensor-core tile)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _prec(dtype):
-    # fp32 operands: exact IEEE products (tests, fp32 training); bf16: tensor cores.
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+# Matmul modes: "ieee" (fp32 operands, exact products: fp32 inputs and the CPU tests),
+# "tf32" (fp32 operands on the tensor cores' tf32 path), "bf16" (bf16 operands).
+_MODES = {"ieee": (jnp.float32, lax.Precision.HIGHEST),
+          "tf32": (jnp.float32, lax.Precision.DEFAULT),
+          "bf16": (jnp.bfloat16, lax.Precision.DEFAULT)}
 
 
-def _mm(a, b, dtype=jnp.float32):
-    """a @ b with operands cast to `dtype`, fp32 accumulation."""
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (0,)), ((), ())),
-                           precision=_prec(dtype), preferred_element_type=jnp.float32)
+def _dot(a, b, dims, mode):
+    dtype, prec = _MODES[mode]
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), (dims, ((), ())),
+                           precision=prec, preferred_element_type=jnp.float32)
 
 
-def _mm_nt(a, b, dtype=jnp.float32):
+def _mm(a, b, mode="ieee"):
+    """a @ b, fp32 accumulation."""
+    return _dot(a, b, ((1,), (0,)), mode)
+
+
+def _mm_nt(a, b, mode="ieee"):
     """a @ b^T."""
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((), ())),
-                           precision=_prec(dtype), preferred_element_type=jnp.float32)
+    return _dot(a, b, ((1,), (1,)), mode)
 
 
-def _mm_tn(a, b, dtype=jnp.float32):
+def _mm_tn(a, b, mode="ieee"):
     """a^T @ b."""
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())),
-                           precision=_prec(dtype), preferred_element_type=jnp.float32)
+    return _dot(a, b, ((0,), (0,)), mode)
 
 
 def _f32(x):
@@ -116,44 +121,52 @@ class _Chunk:
         r = self.ref_row(j)
         return jnp.exp(_blk(self.g, i) - r), jnp.exp(r - _blk(self.g, j))
 
-    def diag_pairs(self, i, fn):
-        """Call fn(E, cols) per K tile; E[t,j,d] = exp(G_td - G_jd) for j <= t, else 0."""
+    def diag_E(self, i, cols):
+        """E[t,j,d] = exp(G_td - G_jd) for j <= t, else 0 (masked before exp): [16,16,bk]."""
+        G = _blk(self.g, i, cols)
         tri = _tri(BC, strict=False)[:, :, None]
-        for d0 in range(0, self.K, self.bk):
-            cols = pl.ds(d0, self.bk)
-            G = _blk(self.g, i, cols)
-            fn(jnp.exp(jnp.where(tri, G[:, None, :] - G[None, :, :], -jnp.inf)), cols)
+        return jnp.exp(jnp.where(tri, G[:, None, :] - G[None, :, :], -jnp.inf))
+
+
+def _ktiles(K, bk, body, init):
+    """fori_loop over K tiles of width bk (a loop, not unrolled, to keep the IR small)."""
+    def step(t, carry):
+        return body(pl.ds(pl.multiple_of(t * bk, bk), bk), carry)
+    return lax.fori_loop(0, K // bk, step, init)
 
 
 def _pairwise(ch, nb, mm_dtype, want_p):
     """A (strictly lower) and P (lower) as dicts of 16x16 blocks {(i, j): block}, i >= j."""
-    A, P = {}, {}
-    strict = _tri(BC, strict=True)
-    for i in range(nb):
-        acc = {"a": jnp.zeros((BC, BC), jnp.float32), "p": jnp.zeros((BC, BC), jnp.float32)}
-
-        def diag(E, cols, i=i, acc=acc):
+    def diag_tile(cols, acc):
+        out = []
+        for i in range(nb):
+            E = ch.diag_E(i, cols)
             k = _blk(ch.k, i, cols)
-            acc["a"] = acc["a"] + jnp.sum(k[:, None, :] * k[None, :, :] * E, axis=-1)
-            if want_p:
-                q = _blk(ch.q, i, cols)
-                acc["p"] = acc["p"] + jnp.sum(q[:, None, :] * k[None, :, :] * E, axis=-1)
+            ke = k[None, :, :] * E
+            out.append(acc[2 * i] + jnp.sum(k[:, None, :] * ke, axis=-1))
+            out.append(acc[2 * i + 1] + jnp.sum(_blk(ch.q, i, cols)[:, None, :] * ke, axis=-1)
+                       if want_p else acc[2 * i + 1])
+        return tuple(out)
 
-        ch.diag_pairs(i, diag)
-        A[i, i] = jnp.where(strict, acc["a"], 0.0)
-        P[i, i] = acc["p"]
+    zero = jnp.zeros((BC, BC), jnp.float32)
+    diag = _ktiles(ch.K, ch.bk, diag_tile, (zero,) * (2 * nb))
+    strict = _tri(BC, strict=True)
+    A, P = {}, {}
+    for i in range(nb):
+        A[i, i] = jnp.where(strict, diag[2 * i], 0.0)
+        P[i, i] = diag[2 * i + 1]
         for j in range(i):
             fi, fj = ch.off_factors(i, j)
             kj = _blk(ch.k, j) * fj
             A[i, j] = _mm_nt(_blk(ch.k, i) * fi, kj, mm_dtype)
             if want_p:
                 P[i, j] = _mm_nt(_blk(ch.q, i) * fi, kj, mm_dtype)
-        same = [ch.same(i, j) for j in range(i + 1)]
         if ch.seg:
             for j in range(i + 1):
-                A[i, j] = jnp.where(same[j], A[i, j], 0.0)
+                same = ch.same(i, j)
+                A[i, j] = jnp.where(same, A[i, j], 0.0)
                 if want_p:
-                    P[i, j] = jnp.where(same[j], P[i, j], 0.0)
+                    P[i, j] = jnp.where(same, P[i, j], 0.0)
     return A, P
 
 
@@ -304,8 +317,8 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
     # Phase 2: per K tile, everything is elementwise in the channel d.
     fs_last = _f32(fs_ref[pl.ds(C - 1, 1)])[:, None] > 0 if seg else None
     row = lax.broadcasted_iota(jnp.int32, (BC, bk), 0)
-    for d0 in range(0, K, bk):
-        cols = pl.ds(d0, bk)
+
+    def tile(cols, carry):
         Gl = _f32(g_ref[pl.ds(C - 1, 1), cols])  # [1, bk]
         gl = jnp.exp(jnp.where(fs_last, Gl, -jnp.inf)) if seg else jnp.exp(Gl)
         last = _f32(dgl_ref[:, cols]) * gl  # d/dG_C of exp(G_C) S0
@@ -324,9 +337,7 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
             dk[i] = dkg * gam + dkd * dec
             dG[i] = dkg * k * gam + dqg * q * gam - dkd * kd
             last = last + jnp.sum(dkd * kd, axis=0, keepdims=True)
-            # diagonal block: E[t,j,d] = exp(G_td - G_jd), j <= t
-            tri = _tri(BC, strict=False)[:, :, None]
-            E = jnp.exp(jnp.where(tri, G[:, None, :] - G[None, :, :], -jnp.inf))
+            E = ch.diag_E(i, cols)  # diagonal block
             ke = k[None, :, :] * E
             rq = jnp.sum(dP[i, i][:, :, None] * ke, axis=1)  # sum_j dP[t,j] k_j E_tj
             rk = jnp.sum(dA[i, i][:, :, None] * ke, axis=1)
@@ -355,6 +366,9 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
             dq_ref[pl.ds(i * BC, BC), cols] = dq[i].astype(dq_ref.dtype)
             dk_ref[pl.ds(i * BC, BC), cols] = dk[i].astype(dk_ref.dtype)
             dg_ref[pl.ds(i * BC, BC), cols] = dG[i]
+        return carry
+
+    _ktiles(K, bk, tile, 0)
 
 
 # ----------------------------------------------------------------------------- calls
@@ -362,7 +376,8 @@ class _Cfg(tuple):
     """Static configuration (hashable): chunk, segments, interpret, tiles, warps."""
 
     __slots__ = ()
-    fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state", "stages")
+    fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state", "stages",
+              "mm")
 
     def __new__(cls, **kw):
         return super().__new__(cls, tuple(kw[f] for f in cls.fields))
@@ -386,7 +401,7 @@ def _intra_fwd(q, k, v, G, beta, run, fs, cfg):
     cb = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
     cm = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
     kern = functools.partial(_intra_fwd_kernel, C=C, K=K, seg=cfg.seg, bk=cfg.bk,
-                             mm_dtype=q.dtype)
+                             mm_dtype=cfg.mm)
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
         in_specs=[ck, ck, cv, ck, cb, cm, cm], out_specs=[ck, cv, cp],
@@ -417,7 +432,7 @@ def _state_fwd(q, k, G, fs, ls, w, u, p, s0, cfg, out_dtype):
     C, bv = cfg.C, min(cfg.bv, V)
     NT = Tp // C
     sp = _seq_specs(B, Tp, H, K, C, bv)
-    kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm_dtype=q.dtype)
+    kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm_dtype=cfg.mm)
     return pl.pallas_call(
         kern, grid=(B, H, V // bv),
         in_specs=[sp["k"], sp["k"], sp["k"], sp["m"], sp["m"], sp["k"], sp["v"], sp["p"],
@@ -436,7 +451,7 @@ def _state_bwd(q, k, G, fs, ls, w, u, p, h, do, dsT, cfg):
     C, bv = cfg.C, min(cfg.bv, V)
     NT, NV = Tp // C, V // bv
     sp = _seq_specs(B, Tp, H, K, C, bv)
-    kern = functools.partial(_state_bwd_kernel, C=C, NT=NT, seg=cfg.seg, mm_dtype=q.dtype)
+    kern = functools.partial(_state_bwd_kernel, C=C, NT=NT, seg=cfg.seg, mm_dtype=cfg.mm)
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, NV),
@@ -465,7 +480,7 @@ def _intra_bwd(q, k, v, G, beta, run, fs, ls, dw, du, dp, dqg, dkd, dgl, cfg):
     cm = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
     cg = pl.BlockSpec((None, 1, None, K), lambda b, h, n: (b, n, h, 0))
     kern = functools.partial(_intra_bwd_kernel, C=C, K=K, seg=cfg.seg, bk=cfg.bk,
-                             mm_dtype=q.dtype)
+                             mm_dtype=cfg.mm)
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
@@ -522,12 +537,14 @@ def chunk_kda_gpu(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
     block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_stages=1,
+    matmul=None,
 ):
     """Chunked KDA with the Pallas Triton kernels (inputs validated by the caller).
 
     The jnp prologue (XLA-fused) normalises/scales q and k, takes the in-chunk cumsum of g
     in fp32, pads T to a multiple of the chunk and K, V to powers of two (zero tokens and
     zero channels leave the state unchanged), and turns segment ids into run masks.
+    matmul: "ieee" | "tf32" | "bf16" (default: "ieee" for fp32 inputs, "tf32" otherwise).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -561,7 +578,8 @@ def chunk_kda_gpu(
     else:
         run = fs = ls = jnp.zeros((B, Tp), jnp.float32)
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
-               warps_intra=num_warps_intra, warps_state=num_warps_state, stages=num_stages)
+               warps_intra=num_warps_intra, warps_state=num_warps_state, stages=num_stages,
+               mm=matmul or ("ieee" if dt == jnp.float32 else "tf32"))
     o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
     o = o[:, :T, :, :V]
     return o, (sT[:, :, :K, :V] if output_final_state else None)
