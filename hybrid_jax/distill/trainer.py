@@ -175,9 +175,10 @@ class Trainer:
         flat = FlatParams(p_state)
         p_sh = flat.shardings(mesh)
         replicated = NamedSharding(mesh, P())
-        # Own copies: the trained buffers are donated to the step, and a student cloned from
-        # the teacher would otherwise share them with the teacher's parameters.
-        params = {p: jax.device_put(v, p_sh[p], may_alias=False) for p, v in flat.values.items()}
+        # Fresh buffers from a jitted copy: the trained buffers are donated to the step, and a
+        # student cloned from the teacher would otherwise share them with the teacher's
+        # parameters (device_put may reuse the source buffer for one shard even with may_alias=False).
+        params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=p_sh)(flat.values)
         rest = jax.device_put(rest, replicated)
         self._t_graphdef = t_params = t_rest = None
         if self.teacher is not None and any(s.needs_teacher for s in self.stages):
@@ -228,9 +229,9 @@ class Trainer:
                 frozen = {p: v for p, v in params.items() if p not in trainable}
                 tr_sh = {p: p_sh[p] for p in train_paths}
                 opt_sh = self._opt_shardings(tx, trainable, tr_sh)
-                # Eager init: a jitted init may return one buffer for several equal zero leaves,
-                # which the donating step would then receive twice.
-                opt_state = jax.device_put(tx.init(trainable), opt_sh)
+                # One buffer per leaf (may_alias=False): equal zero leaves may otherwise share a
+                # buffer, which the donating step would then receive twice.
+                opt_state = jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), tx.init(trainable), opt_sh)
                 it = self.data_fn(c)
                 k0 = 0
                 nonfinite_streak = 0

@@ -1,0 +1,90 @@
+"""Mesh and logical-axis rules; a sharded train step on 8 fake CPU devices equals the 1-device step.
+
+The 8-device part runs in a subprocess (`python -m tests.test_sharding OUT`) because the
+device count is fixed when JAX starts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from hybrid_jax.config import ConfigError
+from hybrid_jax.sharding import logical_to_spec, mesh_shape
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Mesh:  # logical_to_spec only reads axis sizes
+    shape = {"data": 2, "fsdp": 2, "tensor": 4}
+
+
+def test_logical_rules_respect_divisibility_and_use_each_mesh_axis_once():
+    m = _Mesh()
+    assert logical_to_spec(("vocab", "embed"), (64, 32), m) == P("tensor", "fsdp")
+    assert logical_to_spec(("embed", "kv_heads", "head_dim"), (32, 2, 8), m) == P("fsdp", None, None)  # 2 heads on 4-way tensor
+    assert logical_to_spec(("heads", "mlp"), (8, 16), m) == P("tensor", None)  # tensor already used
+    assert logical_to_spec(("norm",), (32,), m) == P(None)
+    assert logical_to_spec(None, (3,), m) == P()
+
+
+def test_mesh_shape_fills_and_rejects():
+    assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+    assert mesh_shape({"data": 1, "fsdp": 1, "tensor": 1}, 1) == (1, 1, 1)
+    with pytest.raises(ConfigError, match="not a multiple of 3"):
+        mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
+    with pytest.raises(ConfigError, match="data×fsdp×tensor = 4 but 8 devices"):
+        mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+
+
+def test_sharded_step_on_8_devices_equals_one_device(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    r = subprocess.run([sys.executable, "-m", "tests.test_sharding", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["devices"] == 8
+    assert res["embed_spec"] == ["tensor", "fsdp"]  # really sharded, not replicated
+    for a, b in zip(res["loss_1"], res["loss_8"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert res["max_rel_param_err"] <= 1e-5
+    assert res["params_changed"]
+
+
+def _main(out):
+    import jax
+    from flax import nnx
+
+    from hybrid_jax import config as C
+    from hybrid_jax.distill.metrics import read_metrics
+    from hybrid_jax.distill.trainer import FlatParams, Trainer
+    from hybrid_jax.sharding import make_mesh
+    from tests.distill.helpers import Batches, run_config, tiny_student, tiny_teacher
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    teacher = tiny_teacher(layers=2)
+    init = tiny_student(teacher, new_layers=(1,))
+    results, params = {}, {}
+    for n, mesh in ((1, make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])), (8, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))):
+        c = run_config(batch_size=8)
+        c.stages = {"kd": C.stage_config(type="logit_kd", steps=2, lr=1e-2, warmup_frac=0.0, loss="forward_kl:0.9,ce:0.1")}
+        c.stage_order = "kd"
+        student = nnx.clone(init)
+        Trainer(c, student, teacher=teacher, mesh=mesh, workdir=f"{out}/run{n}", data_fn=lambda s: Batches(s.batch_size, s.seq_len)).run()
+        results[f"loss_{n}"] = [r["loss"] for r in read_metrics(f"{out}/run{n}")]
+        params[n] = {p: np.asarray(v) for p, v in FlatParams(nnx.state(student, nnx.Param)).values.items()}
+        if n == 8:
+            results["embed_spec"] = list(student.embed[...].sharding.spec)
+    p0 = {p: np.asarray(v) for p, v in FlatParams(nnx.state(init, nnx.Param)).values.items()}
+    results["max_rel_param_err"] = max(float(np.sqrt(np.mean((params[8][p] - params[1][p]) ** 2)) / np.sqrt(np.mean(params[1][p] ** 2))) for p in p0)
+    results["params_changed"] = all(not np.array_equal(params[1][p], p0[p]) for p in p0)
+    results["devices"] = len(jax.devices())
+    with open(f"{out}/result.json", "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
