@@ -97,7 +97,6 @@ def ttt_memory(q, k, v, lr, momentum, decay, *, weights0, chunk_size=512, segmen
         raise ValueError(f"ttt_memory has no Pallas kernel (backend={backend!r}); the fused "
                          "lax.scan ('scan', what 'auto' picks) is its fast path on every platform")
     _check(q, k, v, lr, momentum, decay, weights0, chunk_size, segment_ids, initial_state)
-    B, T = q.shape[:2]
     if backend == "reference":
         if initial_state is not None or output_final_state:
             raise ValueError("backend='reference' neither takes nor returns a TTTState; "
@@ -106,8 +105,6 @@ def ttt_memory(q, k, v, lr, momentum, decay, *, weights0, chunk_size=512, segmen
                                     chunk_size=chunk_size, segment_ids=segment_ids,
                                     normalize=normalize, eps=eps)
         return o, None
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
     o, final = ttt_memory_chunked(q, k, v, lr, momentum, decay, weights0=tuple(weights0),
                                   chunk_size=chunk_size, segment_ids=segment_ids,
                                   initial_state=initial_state, normalize=normalize, eps=eps)

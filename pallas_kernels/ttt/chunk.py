@@ -100,8 +100,14 @@ def _zeros_like(w: Weights) -> Weights:
     return tuple(jnp.zeros_like(x) for x in w)
 
 
-def _block_step(carry: TTTState, xs, *, w0: Weights, chunk_size: int):
-    """One block of L <= chunk_size positions for all rows. Returns (state, raw reads)."""
+def _block_step(carry: TTTState, xs, *, w0: Weights, chunk_size: int, may_post: bool,
+                may_start: bool):
+    """One block of L <= chunk_size positions for all rows. Returns (state, raw reads).
+
+    may_post / may_start: whether a chunk can close before the block's end (the carried
+    count is not 0) and whether a segment can start after the block's first token; when
+    statically impossible the branch is not built (a GPU conditional syncs with the host).
+    """
     q, k, v, lr, mom, dec, seg, valid = xs  # q,k,v [B,H,L,D]; lr,mom,dec [B,H,L]; seg [B,L]; valid [L]
     L = seg.shape[1]
     idx = jnp.arange(L)
@@ -152,7 +158,7 @@ def _block_step(carry: TTTState, xs, *, w0: Weights, chunk_size: int):
     def nothing():
         return jnp.zeros_like(q), _zeros_like(w)
 
-    read_b, g_b = jax.lax.cond(jnp.any(post), after_update, nothing)
+    read_b, g_b = jax.lax.cond(jnp.any(post), after_update, nothing) if may_post else nothing()
 
     # Tokens of segments that start inside the block read W0; only the block's last
     # segment survives into the carry, so only its tokens accumulate.
@@ -160,7 +166,7 @@ def _block_step(carry: TTTState, xs, *, w0: Weights, chunk_size: int):
         r, _ = _mlp(w0b, q)
         return r, _inner_grad(w0b, k, v, lr * per_head(last & later))
 
-    read_0, g_0 = jax.lax.cond(jnp.any(later), new_segments, nothing)
+    read_0, g_0 = jax.lax.cond(jnp.any(later), new_segments, nothing) if may_start else nothing()
 
     pre_h, post_h = pre[:, None, :, None], post[:, None, :, None]
     read = jnp.where(pre_h, read_a, jnp.where(post_h, read_b, read_0))
@@ -185,7 +191,8 @@ def _block_step(carry: TTTState, xs, *, w0: Weights, chunk_size: int):
 
 def ttt_memory_chunked(q, k, v, lr, momentum, decay, *, weights0, chunk_size, segment_ids,
                        initial_state, normalize, eps):
-    """Core of `ttt_memory` (inputs already validated). Returns (o [B,T,H,D], TTTState)."""
+    """Core of `ttt_memory` (inputs already validated; segment_ids None = one segment).
+    Returns (o [B,T,H,D], TTTState)."""
     B, T, H, D = q.shape
     f32 = jnp.float32
     w0 = tuple(x.astype(f32) for x in weights0)
@@ -199,13 +206,20 @@ def ttt_memory_chunked(q, k, v, lr, momentum, decay, *, weights0, chunk_size, se
         x = x.reshape(B, n_blocks, block, *x.shape[2:])
         return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 2, 3)
 
+    # Without segments or a carried count, every block starts on a chunk boundary and
+    # holds a single segment, so the irregular branches cannot fire.
+    may_post = block > 1 and (segment_ids is not None or initial_state is not None)
+    may_start = block > 1 and segment_ids is not None
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
     # Padding positions repeat the last segment id and are masked out by `valid`.
     seg = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)], mode="edge")
     seg = jnp.moveaxis(seg.reshape(B, n_blocks, block), 1, 0)
     valid = (jnp.arange(n_blocks * block) < T).reshape(n_blocks, block)
     xs = (blocks(q), blocks(k), blocks(v), blocks(lr), blocks(momentum), blocks(decay), seg, valid)
 
-    step = jax.checkpoint(lambda c, x: _block_step(c, x, w0=w0, chunk_size=chunk_size))
+    step = jax.checkpoint(lambda c, x: _block_step(c, x, w0=w0, chunk_size=chunk_size,
+                                                   may_post=may_post, may_start=may_start))
     final, reads = jax.lax.scan(step, state, xs)
     o = jnp.moveaxis(reads, 0, 1).transpose(0, 1, 3, 2, 4).reshape(B, n_blocks * block, H, D)[:, :T]
     if normalize:
