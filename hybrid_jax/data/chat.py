@@ -89,8 +89,11 @@ def assistant_spans(tokenizer, messages, *, chat_template="tokenizer") -> tuple[
                 f"the chat template renders messages[:{i}] differently inside the full chat, so "
                 "assistant turns cannot be located for completion-only masks; use "
                 "data.chat_template='builtin' or data.loss_mask='all'")
+        if not m["content"]:
+            raise ValueError(f"assistant message {i} is empty: nothing to train on; drop the "
+                             "turn or the chat")
         start = full.find(m["content"], len(prefix))
-        if start < 0 or not m["content"]:
+        if start < 0:
             raise ValueError(f"assistant message {i} content {m['content']!r} does not appear "
                              "verbatim in the rendered chat (the template rewrites it); use "
                              "data.chat_template='builtin' or data.loss_mask='all'")

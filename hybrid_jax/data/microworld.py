@@ -126,6 +126,14 @@ class WorldConfig:
 
     @classmethod
     def from_dict(cls, d) -> WorldConfig:
+        """From a dict of fields, or a preset name: "default" or "large"."""
+        if isinstance(d, str):
+            if d not in PRESETS:
+                raise ValueError(f"unknown micro-world preset {d!r}; choose from {sorted(PRESETS)} "
+                                 "or give a dict of WorldConfig fields")
+            return PRESETS[d]
+        if isinstance(d, WorldConfig):
+            return d
         d = dict(d or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -136,6 +144,12 @@ class WorldConfig:
     def fingerprint(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
+
+
+# A world for the ~100M-parameter GPU teacher: 3100 entities, 8500 facts.
+LARGE_WORLD = WorldConfig(seed=0, num_people=2000, num_cities=100, num_companies=500,
+                          num_creatures=500)
+PRESETS = {"default": WorldConfig(), "large": LARGE_WORLD}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,12 +195,15 @@ class World:
                     self.facts.append(Fact(kind, entity, spec.name,
                                            rng.choice(domains[spec.domain])))
         self._spec = {(k, s.name): s for k, specs in KINDS.items() for s in specs}
+        self._by_entity: dict[str, list[Fact]] = {}
+        for f in self.facts:
+            self._by_entity.setdefault(f.entity, []).append(f)
 
     def spec(self, fact: Fact) -> AttributeSpec:
         return self._spec[(fact.kind, fact.attribute)]
 
     def facts_of(self, entity: str) -> list[Fact]:
-        return [f for f in self.facts if f.entity == entity]
+        return list(self._by_entity[entity])
 
     # ---- training data -------------------------------------------------------------
     def corpus(self) -> list[dict]:

@@ -222,18 +222,21 @@ class BatchIterator:
     def _start(self):
         q, stop = queue.Queue(maxsize=self._prefetch), threading.Event()
 
+        def put(item):
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         def work(state):
             try:
                 while not stop.is_set():
                     batch, state = self._next_batch(state)
-                    while not stop.is_set():
-                        try:
-                            q.put((batch, state), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    put((batch, state))
             except BaseException as e:  # surfaced in __next__
-                q.put((e, None))
+                put((e, None))
 
         t = threading.Thread(target=work, args=(self._state,), daemon=True)
         t.start()

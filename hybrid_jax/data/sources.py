@@ -104,35 +104,22 @@ class JsonlSource:
 
 
 class ParquetSource:
-    """Rows of Parquet files, decoded one row group at a time."""
+    """Rows of Parquet files, read into one memory-mapped Arrow table (random access to a
+    row is a zero-copy slice; decoding row groups per access would make shuffling slow)."""
 
     def __init__(self, path):
         pq = _require("pyarrow.parquet", "pyarrow", "reading Parquet")
+        pa = _require("pyarrow", "pyarrow", "reading Parquet")
         self.files = _expand(path)
-        self._groups = []  # (file, row group, first row)
-        self._starts = []
-        n = 0
-        for f in self.files:
-            meta = pq.ParquetFile(f).metadata
-            for g in range(meta.num_row_groups):
-                self._groups.append((f, g))
-                self._starts.append(n)
-                n += meta.row_group(g).num_rows
-        self._len = n
-        self._cache = (None, None)
-        self._pq = pq
+        self._table = pa.concat_tables([pq.read_table(f, memory_map=True) for f in self.files])
 
     def __len__(self):
-        return self._len
+        return self._table.num_rows
 
     def __getitem__(self, i):
-        if not 0 <= i < self._len:
+        if not 0 <= i < len(self):
             raise IndexError(i)
-        g = int(np.searchsorted(self._starts, i, side="right")) - 1
-        if self._cache[0] != g:
-            f, rg = self._groups[g]
-            self._cache = (g, self._pq.ParquetFile(f).read_row_group(rg).to_pylist())
-        return self._cache[1][i - self._starts[g]]
+        return self._table.slice(i, 1).to_pylist()[0]
 
 
 class ArrayRecordSource:

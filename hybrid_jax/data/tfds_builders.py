@@ -32,8 +32,6 @@ except ImportError as e:
 
 log = logging.getLogger(__name__)
 
-LARGE_WORLD = microworld.WorldConfig(seed=0, num_people=2000, num_cities=100,
-                                     num_companies=500, num_creatures=500)
 TASKS = ("corpus", "instruct", "open", "mc", "mqar", "passkey")
 LONG_EXAMPLES_PER_LENGTH = 8
 
@@ -78,7 +76,7 @@ class Microworld(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [MicroWorldConfig(name=t, task=t) for t in TASKS] + [
-        MicroWorldConfig(name=f"{t}_large", task=t, world=LARGE_WORLD) for t in TASKS]
+        MicroWorldConfig(name=f"{t}_large", task=t, world=microworld.LARGE_WORLD) for t in TASKS]
 
     # TFDS looks for a checksums file next to the builder's code and, for modules inside a
     # package, probes `importlib_resources` (not installed here); name the file directly.

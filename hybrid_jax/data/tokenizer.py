@@ -59,13 +59,13 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024):
     return tok
 
 
-def build_tokenizer(out_dir: str, world_config: microworld.WorldConfig | None = None,
+def build_tokenizer(out_dir: str, world_config: microworld.WorldConfig | str | None = None,
                     vocab_size: int = 1024):
     """Train on the micro-world and save an HF tokenizer directory; returns the loaded
     `PreTrainedTokenizerFast`."""
     from transformers import PreTrainedTokenizerFast
 
-    world = microworld.World(world_config)
+    world = microworld.World(microworld.WorldConfig.from_dict(world_config))
     tok = train_tokenizer(training_texts(world), vocab_size)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -94,10 +94,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory to write the tokenizer to")
     p.add_argument("--vocab_size", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0, help="micro-world seed")
+    p.add_argument("--world", default="default", choices=sorted(microworld.PRESETS),
+                   help="micro-world preset to train on")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    build_tokenizer(a.out, microworld.WorldConfig(seed=a.seed), a.vocab_size)
+    build_tokenizer(a.out, microworld.PRESETS[a.world], a.vocab_size)
 
 
 if __name__ == "__main__":

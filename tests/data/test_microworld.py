@@ -29,6 +29,10 @@ def test_sizes_follow_the_config():
         mw.WorldConfig(num_cities=3)
     with pytest.raises(ValueError, match="unknown micro-world setting"):
         mw.WorldConfig.from_dict({"num_peoples": 3})
+    assert mw.WorldConfig.from_dict("large") == mw.LARGE_WORLD
+    assert mw.WorldConfig.from_dict({}) == mw.WorldConfig.from_dict("default")
+    with pytest.raises(ValueError, match="preset"):
+        mw.WorldConfig.from_dict("huge")
 
 
 def test_questions_are_unambiguous_and_answers_are_the_facts():
