@@ -1,0 +1,23 @@
+"""Shared helpers for the layer and student tests."""
+
+import numpy as np
+
+
+def rms_rel(x, ref):
+    """RMS-relative error of x against ref (float64)."""
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.sqrt(np.mean((x - ref) ** 2) / max(np.mean(ref**2), 1e-30)))
+
+
+def randomize(module, seed=0, scale=0.3, skip=()):
+    """Give every parameter of `module` random values (so zero/identity inits cannot hide bugs)."""
+    import jax
+    from flax import nnx
+
+    key = jax.random.PRNGKey(seed)
+    for path, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Param) and not any(s in "/".join(map(str, path)) for s in skip):
+            key, sub = jax.random.split(key)
+            v = var[...]
+            var.set_value(v + scale * jax.random.normal(sub, v.shape, v.dtype))
