@@ -196,6 +196,8 @@ class BatchIterator:
                  overlong: str, pad_id: int, fingerprint: str, prefetch: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if seq_len < 2:
+            raise ValueError(f"seq_len={seq_len}: need at least 2 tokens per row")
         self._stream, self._encode = stream, encoder
         self.seq_len, self.batch_size = seq_len, batch_size
         self._overlong, self._pad_id = overlong, pad_id
