@@ -76,7 +76,9 @@ def _body(model, carry, *, eos, pad_id, sampling):
     return (step + 1, tokens, cache, nxt, pos, done | jnp.isin(nxt, eos), rng)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos", "pad_id", "sampling"))
+# The cache is donated and returned so the loop updates it in place (no copy of a large cache).
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos", "pad_id", "sampling"),
+                   donate_argnames=("cache",))
 def _decode_while(graphdef, state, cache, first, last_pos, rng, *, max_new_tokens, eos, pad_id, sampling):
     model = nnx.merge(graphdef, state)
     eos_arr = jnp.asarray(eos, jnp.int32)
@@ -85,7 +87,7 @@ def _decode_while(graphdef, state, cache, first, last_pos, rng, *, max_new_token
         lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[5]),
         lambda c: _body(model, c, eos=eos_arr, pad_id=pad_id, sampling=dict(sampling)),
         carry)
-    return carry[1]
+    return carry[1], carry[2]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "eos", "pad_id", "sampling"), donate_argnames=("carry",))
@@ -149,7 +151,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     first = sample_logits(logits, sub, **dict(sampling))
     kw = dict(eos=eos, pad_id=int(pad_token_id), sampling=sampling)
     if loop == "while":
-        tokens = _decode_while(graphdef, state, cache, first, last_pos, rng, max_new_tokens=max_new_tokens, **kw)
+        tokens, _ = _decode_while(graphdef, state, cache, first, last_pos, rng, max_new_tokens=max_new_tokens, **kw)
     else:
         carry = _init_carry(first, last_pos, cache, rng, max_new_tokens, jnp.asarray(eos, jnp.int32), int(pad_token_id))
         for _ in range(max_new_tokens - 1):

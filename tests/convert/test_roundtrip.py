@@ -12,7 +12,13 @@ import hybrid_jax as hj
 from hybrid_jax.convert import hf_export
 from hybrid_jax.convert.hf_import import load_tokenizer
 from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config, default_positions
-from tests.fixtures import hf_logits, logits_of, random_padded_batch, tiny_tokenizer, write_tiny_checkpoint
+from tests.fixtures import (
+    hf_logits,
+    logits_of,
+    random_padded_batch,
+    tiny_tokenizer,
+    write_tiny_checkpoint,
+)
 
 
 def _params(model):
