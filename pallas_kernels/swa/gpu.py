@@ -273,7 +273,8 @@ def _swa_bwd(cfg, res, do):
 
 _swa.defvjp(_swa_fwd, _swa_bwd)
 
-DEFAULT_CONFIG = dict(block_q=128, block_k=128, num_warps=8, num_stages=2,
+# Fastest of scripts/bench_swa.py --sweep on an H200 (D=128, window 4096, bf16).
+DEFAULT_CONFIG = dict(block_q=128, block_k=128, num_warps=8, num_stages=3,
                       dq_block_q=64, dq_block_k=64, dq_num_warps=4, dq_num_stages=2,
                       dkv_block_q=64, dkv_block_k=64, dkv_num_warps=4, dkv_num_stages=2)
 BLOCK_KEYS = ("block_q", "block_k", "dq_block_q", "dq_block_k", "dkv_block_q", "dkv_block_k")
