@@ -100,13 +100,21 @@ def _schema() -> dict:
             init_from_teacher=True,
             path="",  # start from an existing student checkpoint instead of building one
         ),
+        # The `data` section is read by hybrid_jax.data.pipeline.make_batches (docs/data.md):
+        # either the single-source shorthand source/path/split or a `sources` mixture list.
         data=dict(
             source="micro_world",
             path="",
             split="train",
+            world=None,  # micro-world settings (hybrid_jax.data.microworld.WorldConfig fields)
+            data_dir=None,  # TFDS data directory
+            sources=[],  # [{"kind": "jsonl", "path": ..., "weight": 1.0, "loss_mask": ...}, ...]
             loss_mask="all",  # "completion": loss only on assistant tokens (from the chat template)
-            num_workers=0,
-            shuffle_seed=0,
+            chat_template="tokenizer",  # or "builtin" (Qwen3-style)
+            overlong="split",  # documents longer than seq_len: "split" or "drop"
+            shuffle=True,
+            append_eos=True,
+            cache_documents=500_000,
         ),
         mesh=dict(data=1, fsdp=-1, tensor=1),  # -1: all remaining devices
         train=dict(

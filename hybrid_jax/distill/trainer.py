@@ -76,6 +76,24 @@ class FlatParams:
         return {p: NamedSharding(mesh, logical_to_spec(self.axes[p], np.shape(v), mesh)) for p, v in self.values.items()}
 
 
+def pipeline_data_fn(config, tokenizer) -> Callable:
+    """A `data_fn` over `hybrid_jax.data.pipeline.make_batches`: each stage reads its resolved
+    `data` section; each host gets its batch_size / process_count rows (and its own shard)."""
+    from hybrid_jax.data.pipeline import make_batches
+
+    def data_fn(stage):
+        if stage.batch_size % jax.process_count():
+            raise ConfigError(f"stage {stage.name!r}: batch_size {stage.batch_size} is not divisible by the {jax.process_count()} processes")
+        return make_batches(stage.data, tokenizer, seq_len=stage.seq_len, batch_size=stage.batch_size // jax.process_count(), seed=config.seed)
+
+    return data_fn
+
+
+def _close(it) -> None:
+    if callable(getattr(it, "close", None)):
+        it.close()
+
+
 def _max_positions(model) -> int | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "max_position_embeddings", None)
@@ -132,6 +150,8 @@ class Trainer:
             first = next(it)
         except StopIteration:
             raise ConfigError(f"stage {stage.name!r}: dataset {dict(stage.cfg.data)} is empty (yields no batch); check data.source / data.path") from None
+        finally:
+            _close(it)
         self._check_batch(stage, first)
 
     # ------------------------------------------------------------------ step
@@ -302,6 +322,7 @@ class Trainer:
                         )
                 if pbar is not None:
                     pbar.close()
+                _close(it)
                 params = {**frozen, **trainable}
                 summary["stages"][stage.name] = {"first_loss": first_loss, "last_loss": last_loss, "steps": stage.steps}
             ckpt.wait()
