@@ -11,8 +11,6 @@ from pallas_kernels.kda.reference import chunk_kda_reference, recurrent_kda_refe
 
 CASES = [  # (B, T, H, K, V, chunk, g_min, with_state, segments, beta_mode)
     (1, 1, 1, 16, 16, 64, -3.0, False, False, "random"),
-    (2, 63, 3, 32, 16, 64, -3.0, True, False, "extremes"),
-    (1, 64, 1, 16, 64, 32, -20.0, False, True, "random"),
     (2, 130, 3, 64, 32, 64, -20.0, True, True, "extremes"),
     (1, 257, 1, 32, 32, 32, -1.0, True, True, "random"),
 ]
