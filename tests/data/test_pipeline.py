@@ -92,6 +92,8 @@ def test_hosts_get_disjoint_shards():
         size = len(range(host, n, 3))
         epoch = [stream[i][2]["question"] for i in range(size)]
         assert len(set(epoch)) == size  # one epoch visits each of its records once
+        again = [stream[i][2]["question"] for i in range(size, 2 * size)]
+        assert set(again) == set(epoch) and again != epoch  # reshuffled every epoch
         seen.append(set(epoch))
     assert set.union(*seen) == {q["question"] for q in microworld.World().open_questions()}
     assert sum(map(len, seen)) == n
