@@ -23,7 +23,10 @@ from flax import nnx
 
 from hybrid_jax.config import ConfigError, format_layer_spec, parse_layer_spec
 from hybrid_jax.layers.attention import Attention
+from hybrid_jax.layers.allmem import AllMem
 from hybrid_jax.layers.kda import KDA
+from hybrid_jax.layers.swa import SlidingWindowAttention
+from hybrid_jax.layers.ttt_memory import TTTMemory
 from hybrid_jax.models.qwen3 import DecoderLM, Qwen3Config
 
 STUDENT_MODEL_TYPE = "hybrid_qwen3"
@@ -43,6 +46,22 @@ DEFAULT_MIXER_CONFIG: dict[str, dict[str, Any]] = {
     "attention": {},
     "kda": dict(_KDA_DEFAULTS),
     "gdn": dict(_KDA_DEFAULTS),
+    # The teacher's attention (all parameters copied) over a sliding window plus sink tokens.
+    "swa": dict(window=512, sinks=0, backend="auto"),
+    "allmem": dict(
+        window=512,
+        sinks=0,
+        chunk_size=512,  # memory update every chunk_size tokens
+        memory_hidden=0,  # fast-weight MLP width F; 0 = head_dim
+        lr_init=1e-3,  # softplus bias so the inner learning rate starts near this value
+        momentum_init=0.9,  # sigmoid bias of the momentum gate
+        decay_init=1e-3,  # sigmoid bias of the forgetting gate
+        qk_l2norm=True,  # L2-normalise the memory's q and k
+        alpha_init=0.0,  # 0: the converted model computes exactly the SWA model
+        memory_init="teacher",  # "teacher": memory q/k/v/o from the teacher's attention; "random"
+        swa_backend="auto",
+        memory_backend="auto",
+    ),
 }
 
 
@@ -80,6 +99,9 @@ def _layer_hparams(kind: str, i: int, resolved: Mapping) -> dict[str, Any]:
 def make_mixer(kind: str, config: Qwen3Config, hparams: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
     """A randomly initialised mixer of `kind` for a model with `config`."""
     c = config
+    for key in ("init", "memory_init"):
+        if key in hparams and hparams[key] not in ("teacher", "random"):
+            raise ConfigError(f"mixer_config[{kind!r}][{key!r}]={hparams[key]!r}; use 'teacher' or 'random'")
     common = dict(dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype, init_std=c.initializer_range, rngs=rngs)
     if kind == "attention":
         return Attention.from_config(c, rngs=rngs)
@@ -87,6 +109,17 @@ def make_mixer(kind: str, config: Qwen3Config, hparams: Mapping[str, Any], rngs:
         hp = {k: v for k, v in hparams.items() if k != "init"}
         return KDA(c.hidden_size, c.num_attention_heads, c.head_dim, gate="channel" if kind == "kda" else "scalar",
                    norm_eps=c.rms_norm_eps, **hp, **common)
+    if kind == "swa":
+        return SlidingWindowAttention.from_config(c, rngs=rngs, **hparams)
+    if kind == "allmem":
+        hp = dict(hparams)
+        swa = SlidingWindowAttention.from_config(c, window=hp["window"], sinks=hp["sinks"], backend=hp["swa_backend"],
+                                                 rngs=rngs)
+        memory = TTTMemory(c.hidden_size, c.num_attention_heads, c.head_dim, memory_hidden=hp["memory_hidden"] or None,
+                           chunk_size=hp["chunk_size"], lr_init=hp["lr_init"], momentum_init=hp["momentum_init"],
+                           decay_init=hp["decay_init"], qk_l2norm=hp["qk_l2norm"], backend=hp["memory_backend"],
+                           **common)
+        return AllMem(swa, memory, c.hidden_size, alpha_init=hp["alpha_init"], param_dtype=c.jnp_param_dtype)
     raise ConfigError(f"unknown mixer kind {kind!r}")
 
 
@@ -109,7 +142,8 @@ def _repeat_kv(w: jax.Array, groups: int) -> jax.Array:
     return jnp.repeat(w, groups, axis=1)
 
 
-def _init_kda_from_attention(mixer: KDA, attn: Attention) -> None:
+def _init_qkvo_from_attention(mixer, attn: Attention) -> None:
+    """A mixer with query-head-count q/k/v [D,H,hd] and o [H,hd,D] takes the teacher's projections."""
     groups = attn.num_heads // attn.num_kv_heads
     _set(mixer.q_proj, attn.q_proj[...])
     _set(mixer.k_proj, _repeat_kv(attn.k_proj[...], groups))
@@ -168,10 +202,14 @@ def _init_from_teacher(student: DecoderLM, teacher: DecoderLM) -> None:
         if not isinstance(attn, Attention):
             raise TypeError(f"build_student: teacher layer mixers must be Attention, got {type(attn).__name__}")
         hp = dict(sb.mixer.hparams)
-        if kind == "attention":
+        if kind in ("attention", "swa"):
             _copy_state(sb.mixer, attn, dt)
         elif kind in ("kda", "gdn") and hp["init"] == "teacher":
-            _init_kda_from_attention(sb.mixer, attn)
+            _init_qkvo_from_attention(sb.mixer, attn)
+        elif kind == "allmem":
+            _copy_state(sb.mixer.swa, attn, dt)
+            if hp["memory_init"] == "teacher":
+                _init_qkvo_from_attention(sb.mixer.memory, attn)
 
 
 # --------------------------------------------------------------------------- serialisation
