@@ -138,10 +138,10 @@ class RecordEncoder:
         """[(source number, record index, record)] -> [(ids, mask)]."""
         out = [self._cache.get((k, i)) for k, i, _ in tagged]
         groups: dict[tuple, list[int]] = {}
-        payload = {}
-        for j, (k, _, record) in enumerate(tagged):
-            if out[j] is not None:
-                continue
+        payload, first = {}, {}
+        for j, (k, i, record) in enumerate(tagged):
+            if out[j] is not None or first.setdefault((k, i), j) != j:
+                continue  # cached, or repeated in this block (an epoch boundary)
             kind, payload[j] = self._kind(k, record)
             mask = self.specs[k].get("loss_mask") or self.settings["loss_mask"]
             groups.setdefault((kind, mask if kind == "chat" else "all"), []).append(j)
@@ -159,7 +159,7 @@ class RecordEncoder:
                 if room > 0:
                     self._cache[tagged[j][:2]] = d
                     room -= 1
-        return out
+        return [d if d is not None else out[first[tagged[j][:2]]] for j, d in enumerate(out)]
 
 
 def _epoch_shuffle(grain):

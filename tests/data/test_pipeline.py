@@ -162,3 +162,17 @@ def test_single_source_shorthand(tmp_path, micro_tokenizer):
     b = pipeline.make_batches({"sources": [{"kind": "jsonl", "path": p}]}, micro_tokenizer, 32, 2,
                               shard=(0, 1), prefetch=0)
     assert _equal(next(a), next(b))
+
+
+def test_documents_are_tokenised_once_across_epochs(micro_tokenizer, monkeypatch):
+    encoded = []
+    real = pipeline.chat.encode_chats
+    monkeypatch.setattr(pipeline.chat, "encode_chats",
+                        lambda tok, chats, **kw: encoded.extend(chats) or real(tok, chats, **kw))
+    cfg = {"sources": [{"kind": "microworld", "task": "instruct"}]}
+    it = pipeline.make_batches(cfg, micro_tokenizer, 128, 8, shard=(0, 1), prefetch=0)
+    for _ in range(40):
+        next(it)
+    n = len(microworld.World().instruct())
+    assert it.stats["records_read"] > 2 * n  # more than two epochs...
+    assert len(encoded) == n  # ...each chat rendered and tokenised once
