@@ -77,6 +77,27 @@ def build_tokenizer(out_dir: str, world_config: microworld.WorldConfig | str | N
     return load_tokenizer(out_dir)
 
 
+def micro_tokenizer(cache_dir: str | None = None, world="default", vocab_size: int = 1024):
+    """The micro-world tokenizer, built on first use into a cache directory named by the
+    world's fingerprint and the vocabulary size (a log line says when it is built)."""
+    config = microworld.WorldConfig.from_dict(world)
+    root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
+        "~/.cache")), "hybrid_jax")
+    path = os.path.join(root, f"microworld-tokenizer-{config.fingerprint()}-v{vocab_size}")
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return load_tokenizer(path)
+    log.info("building the micro-world tokenizer in %s (first use; cached afterwards)", path)
+    tmp = f"{path}.tmp{os.getpid()}"  # written aside and renamed: concurrent users never see half
+    build_tokenizer(tmp, config, vocab_size)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process got there first; both wrote the same files
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(path)
+
+
 def load_tokenizer(path: str):
     """AutoTokenizer from a directory or hub id, with a clear error when it is missing."""
     from transformers import AutoTokenizer

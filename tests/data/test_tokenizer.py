@@ -5,7 +5,7 @@ import os
 from transformers import AutoTokenizer
 
 from hybrid_jax.data import microworld
-from hybrid_jax.data.tokenizer import build_tokenizer
+from hybrid_jax.data.tokenizer import build_tokenizer, micro_tokenizer
 
 
 def test_tokenizer_is_deterministic(micro_tokenizer_dir, tmp_path):
@@ -33,3 +33,18 @@ def test_autotokenizer_loads_with_qwen3_conventions(micro_tokenizer_dir):
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                      add_generation_prompt=True, enable_thinking=False)
     assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_micro_tokenizer_is_built_once_and_cached(micro_tokenizer_dir, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hybrid_jax.data.tokenizer"):
+        tok = micro_tokenizer(str(tmp_path))
+        assert "first use" in caplog.text
+        caplog.clear()
+        again = micro_tokenizer(str(tmp_path))
+        assert "first use" not in caplog.text
+    (path,) = list(tmp_path.iterdir())
+    ref = open(os.path.join(micro_tokenizer_dir, "tokenizer.json"), "rb").read()
+    assert open(path / "tokenizer.json", "rb").read() == ref
+    assert tok("Saisfel lives").input_ids == again("Saisfel lives").input_ids
