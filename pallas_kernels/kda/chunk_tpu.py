@@ -328,10 +328,10 @@ def _bwd_kernel(*refs, cfg):
     dD = _dot_tn(p_s[...], dO) + _dot_nt(Kd, dSt)
     dU = _dot_tn(ch.Tinv, dD)
     r, c = _iota((C, C), 0), _iota((C, C), 1)
-    lower, upper, lower_eq, upper_eq = r > c, r < c, r >= c, r <= c
+    lower, upper = r > c, r < c
     if seg is not None:
         same = seg[0][...] == seg[1][...]
-        lower, upper, lower_eq, upper_eq = (m & same for m in (lower, upper, lower_eq, upper_eq))
+        lower, upper = lower & same, upper & same
     dA = jnp.where(lower, -_dot_nt(dU, D), 0.0)
     dAt = jnp.where(upper, -_dot_nt(D, dU), 0.0)  # dA^T
     db_ref[...] = (jnp.sum(ch.W * dU, axis=-1, keepdims=True)
@@ -341,13 +341,19 @@ def _bwd_kernel(*refs, cfg):
     dKg = -_dot(dW, St)
     dQg = _dot(dO, St)
     dKd = _dot(D, dSt)
-    dG_last = (jnp.sum(Kd * dKd, axis=0, keepdims=True)
-               + ch.dec * jnp.sum(St * dSt, axis=0, keepdims=True))
+    # dg gathers dG (the gradient w.r.t. the cumulative G) by a reverse cumsum. Two terms go
+    # straight to dg instead, because as +x at one row and -x at another of dG they would
+    # leave rounding noise of size x that swamps a true dg of size exp(-20) under strong
+    # decay: Kd = k exp(G_C - G_t) depends on g_{t+1..C} only (an exclusive forward cumsum),
+    # and the diagonal of P has exponent 0 (no g at all).
+    kdk = Kd * dKd
+    dG_last = ch.dec * jnp.sum(St * dSt, axis=0, keepdims=True)
     ds_ref[...] = dSt * ch.dec + _dot_tn(dO, Qg) - _dot_tn(dW, Kg)
 
-    # Gradients through P (q side rows, k side columns) ...
-    dm_s[...] = jnp.where(lower_eq, _dot_nt(dO, D), 0.0)
-    dmt_s[...] = jnp.where(upper_eq, _dot_nt(D, dO), 0.0)
+    # Gradients through P (q side rows, k side columns; the diagonal apart) ...
+    dP_diag = jnp.sum(dO * D, axis=-1, keepdims=True)
+    dm_s[...] = jnp.where(lower, _dot_nt(dO, D), 0.0)
+    dmt_s[...] = jnp.where(upper, _dot_nt(D, dO), 0.0)
     xp = _pairwise_rows_bwd(dm_s, k_s, G_s, x_s)
     yp = _pairwise_cols_bwd(dmt_s, qs_s, G_s, x_s)
     # ... and through At = k.k decay products (scaled by beta of the row token).
@@ -356,12 +362,11 @@ def _bwd_kernel(*refs, cfg):
     xa = _pairwise_rows_bwd(dm_s, k_s, G_s, x_s)
     ya = _pairwise_cols_bwd(dmt_s, k_s, G_s, x_s)
 
-    dqs = dQg * ch.eG + xp
-    dk = dKg * ch.eG + dKd * ch.ed + yp + xa + ya
-    dG = Qg * dQg + Kg * dKg - Kd * dKd + qs * xp + k * (xa - yp - ya)
+    dqs = dQg * ch.eG + xp + dP_diag * k
+    dk = dKg * ch.eG + dKd * ch.ed + yp + xa + ya + dP_diag * qs
+    dG = Qg * dQg + Kg * dKg + qs * xp + k * (xa - yp - ya)
     dG = dG + jnp.where(_iota((C, 1), 0) == C - 1, dG_last, 0.0)
-    triu = (_iota((C, C), 0) <= _iota((C, C), 1)).astype(_F32)
-    dg_ref[...] = _dot(triu, dG)  # reverse in-chunk cumsum
+    dg_ref[...] = _dot((r <= c).astype(_F32), dG) + _dot((r > c).astype(_F32), kdk)
     dq = dqs * cfg.scale
     if cfg.l2norm:
         dq = (dq - ch.q * jnp.sum(ch.q * dq, axis=-1, keepdims=True)) * ch.q_rinv

@@ -34,9 +34,11 @@ def make_inputs(B, T, H, K, V, *, seed, strong_decay, extreme_beta, normalise_k)
         k = l2norm(k)
     v = jax.random.normal(ks[2], (B, T, H, V))
     g = -jax.random.uniform(ks[3], (B, T, H, K), maxval=0.5)
-    if strong_decay:  # a quarter of the entries decay by up to e^-20 per token
+    if strong_decay == "some":  # a quarter of the entries decay by up to e^-20 per token
         hard = jax.random.bernoulli(ks[4], 0.25, g.shape)
         g = jnp.where(hard, -20.0 * jax.random.uniform(ks[5], g.shape), g)
+    elif strong_decay == "all":  # every channel of every token decays by e^-20
+        g = jnp.full(g.shape, -20.0)
     beta = jax.random.uniform(ks[6], (B, T, H))
     if extreme_beta:
         beta = beta.at[:, ::5].set(0.0).at[:, 2::5].set(1.0)
@@ -58,13 +60,13 @@ def packed_segments(B, T):
 
 CASES = [
     # B, T, H, K, V, chunk, initial_state, segments, l2norm, strong_decay, extreme_beta
-    pytest.param(1, 63, 1, 16, 32, 32, False, False, True, False, False, id="T63-c32-l2norm"),
-    pytest.param(2, 130, 1, 32, 16, 64, True, True, False, True, True,
+    pytest.param(1, 63, 1, 16, 32, 32, False, False, True, None, False, id="T63-c32-l2norm"),
+    pytest.param(2, 130, 1, 32, 16, 64, True, True, False, "some", True,
                  id="T130-c64-state-segments-strongdecay-beta01"),
-    pytest.param(1, 64, 2, 64, 64, 64, True, False, False, True, False, id="T64-c64-H2-K64"),
-    pytest.param(1, 257, 3, 16, 16, 64, False, True, True, True, True,
-                 id="T257-c64-H3-segments-strongdecay-beta01"),
-    pytest.param(1, 1, 1, 16, 16, 32, True, False, True, False, False, id="T1"),
+    pytest.param(1, 64, 2, 64, 64, 64, True, False, False, "some", False, id="T64-c64-H2-K64"),
+    pytest.param(1, 257, 3, 16, 16, 64, True, True, True, "all", True,
+                 id="T257-c64-H3-segments-g20everywhere-beta01"),
+    pytest.param(1, 1, 1, 16, 16, 32, True, False, True, None, False, id="T1"),
 ]
 
 
@@ -162,7 +164,7 @@ def test_bad_input_raises_a_clear_error(change, match):
 def test_bfloat16_inputs_compute_in_float32():
     """bf16 in, bf16 out, fp32 inside: the only error left is the final rounding to bf16."""
     B, T, H, K, V = 1, 40, 1, 32, 32
-    q, k, v, g, beta = make_inputs(B, T, H, K, V, seed=3, strong_decay=False,
+    q, k, v, g, beta = make_inputs(B, T, H, K, V, seed=3, strong_decay=None,
                                    extreme_beta=False, normalise_k=False)
     q, k, v, g, beta = (x.astype(jnp.bfloat16) for x in (q, k, v, g, beta))
     o, s = jax.jit(lambda *a: chunk_kda_tpu(*a, output_final_state=True, chunk_size=32,
