@@ -180,7 +180,7 @@ def _forward(q, k, v, starts, cfg):
                                bq=bq, bk=bk, steps=steps)
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h, i, s, t, c: (b_, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, bk, d),
-                           lambda b_, h, i, s, t, c: (b_, h // groups, t[b_, i, s], 0))
+                           lambda b_, h, i, s, t, c: (b_, lax.div(h, groups), t[b_, i, s], 0))
     col_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h, i, s, t, c: (b_, h, i, 0))
     return pl.pallas_call(
         kernel,
@@ -211,7 +211,7 @@ def _backward(q, k, v, o, lse, do, starts, cfg):
     steps = tbl.shape[-1]
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h, i, s, t, c: (b_, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, bk, d),
-                           lambda b_, h, i, s, t, c: (b_, h // groups, t[b_, i, s], 0))
+                           lambda b_, h, i, s, t, c: (b_, lax.div(h, groups), t[b_, i, s], 0))
     col_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h, i, s, t, c: (b_, h, i, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, window=window, sinks=sinks, bq=bq, bk=bk,
