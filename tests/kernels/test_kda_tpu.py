@@ -189,3 +189,31 @@ def test_export_runs_the_mosaic_lowering():
                         out_shape=jax.ShapeDtypeStruct((64, 128), jnp.float32))
     with pytest.raises(ValueError, match="divisible by 8 and 128"):
         jax.export.export(jax.jit(fn), platforms=("tpu",))(jnp.zeros((64, 128)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="compiles the Mosaic kernels: TPU only")
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-3)])
+def test_compiled_on_tpu_matches_oracle(dtype, tol):
+    """Not run here (no TPU): the same checks, compiled by Mosaic, at a realistic head size."""
+    B, T, H, K, V = 2, 1000, 2, 128, 128
+    q, k, v, g, beta = make_inputs(B, T, H, K, V, seed=11, strong_decay="some",
+                                   extreme_beta=True, normalise_k=False)
+    seg = packed_segments(B, T)
+    kw = dict(output_final_state=True, use_qk_l2norm_in_kernel=True, segment_ids=seg)
+    args = tuple(x.astype(dtype) for x in (q, k, v, g, beta))
+    cts = (jax.random.normal(jax.random.PRNGKey(1), (B, T, H, V)),
+           jax.random.normal(jax.random.PRNGKey(2), (B, H, K, V)))
+
+    def value_and_grads(fn, *a):
+        out, pullback = jax.vjp(fn, *a)
+        return out, pullback((cts[0].astype(out[0].dtype), cts[1]))
+
+    (o, s), grads = jax.jit(lambda *a: value_and_grads(
+        lambda *x: chunk_kda_tpu(*x, **kw), *a))(*args)
+    up = tuple(x.astype(jnp.float32) for x in args)
+    (o_ref, s_ref), grads_ref = jax.jit(lambda *a: value_and_grads(
+        lambda *x: recurrent_kda_reference(*x, **kw), *a))(*up)
+    assert rms_rel(o.astype(jnp.float32), o_ref) <= tol
+    assert rms_rel(s, s_ref) <= tol
+    for name, gk, gr in zip(("q", "k", "v", "g", "beta"), grads, grads_ref, strict=True):
+        assert rms_rel(gk.astype(jnp.float32), gr) <= tol, name
