@@ -59,7 +59,7 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int,
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % fixed:
-            raise ConfigError(f"mesh: {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices ({num_devices} is not a multiple of {fixed})")
+            raise ConfigError(f"mesh: {dict(zip(MESH_AXES, sizes, strict=True))} cannot fill {num_devices} devices ({num_devices} is not a multiple of {fixed})")
         sizes[sizes.index(-1)] = num_devices // fixed
     if math.prod(sizes) != num_devices:
         raise ConfigError(f"mesh: data×fsdp×tensor = {math.prod(sizes)} but {num_devices} devices are in use; make the product equal or set one axis to -1")

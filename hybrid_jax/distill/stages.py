@@ -52,7 +52,7 @@ def new_layers(student, teacher) -> tuple[int, ...]:
     s, t = layer_kinds(student), layer_kinds(teacher)
     if len(s) != len(t):
         raise ConfigError(f"student has {len(s)} layers but the teacher {len(t)}; build the student from this teacher")
-    return tuple(i for i, (a, b) in enumerate(zip(s, t)) if a != b)
+    return tuple(i for i, (a, b) in enumerate(zip(s, t, strict=True)) if a != b)
 
 
 def _forward(model, batch, **kw):

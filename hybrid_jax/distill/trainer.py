@@ -20,7 +20,7 @@ equals an uninterrupted run's.
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -40,8 +40,6 @@ from hybrid_jax.distill.metrics import MetricsWriter
 from hybrid_jax.distill.optim import current_lr, make_optimizer
 from hybrid_jax.distill.stages import Stage, build_stage, count_tokens, layer_kinds, new_layers
 from hybrid_jax.sharding import logical_to_spec, make_mesh, shard_batch
-
-log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
@@ -63,11 +61,11 @@ class FlatParams:
     def __init__(self, state):
         pairs, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.paths = ["/".join(_key_str(k) for k in path) for path, _ in pairs]
-        self.axes = {p: v.get_metadata().get("out_sharding") for p, (_, v) in zip(self.paths, pairs)}
+        self.axes = {p: v.get_metadata().get("out_sharding") for p, (_, v) in zip(self.paths, pairs, strict=True)}
         leaves, self.treedef = jax.tree.flatten(state)
         if len(leaves) != len(self.paths):
             raise ValueError("FlatParams: every parameter must be a Variable holding one array")
-        self.values = dict(zip(self.paths, leaves))
+        self.values = dict(zip(self.paths, leaves, strict=True))
 
     def unflatten(self, flat: Mapping[str, jax.Array]):
         return jax.tree.unflatten(self.treedef, [flat[p] for p in self.paths])
@@ -87,6 +85,20 @@ def pipeline_data_fn(config, tokenizer) -> Callable:
         return make_batches(stage.data, tokenizer, seq_len=stage.seq_len, batch_size=stage.batch_size // jax.process_count(), seed=config.seed)
 
     return data_fn
+
+
+def _all_process_states(state) -> list:
+    """Every process's (JSON) data-iterator state, in process order: each host reads its own shard."""
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    blobs = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(blobs[i, : sizes[i]]).decode()) for i in range(len(sizes))]
 
 
 def _close(it) -> None:
@@ -259,7 +271,10 @@ class Trainer:
                     params, opt_state, _ = ckpt.restore(latest, params, opt_state)
                     trainable = {p: params[p] for p in train_paths}
                     frozen = {p: v for p, v in params.items() if p not in trainable}
-                    it.set_state(decode_data_state(meta["data_state"]))
+                    states = meta["data_state"]
+                    if len(states) != jax.process_count():
+                        raise ConfigError(f"checkpoint {latest} was written by {len(states)} processes, this run has {jax.process_count()}; resume with the same host count")
+                    it.set_state(decode_data_state(states[jax.process_index()]))
                     k0, nonfinite_streak = start_step, meta["nonfinite_streak"]
                 step_fn = self._make_step(stage, tx, sched, graphdef, flat, (tr_sh, opt_sh))
                 first_loss = last_loss = None
@@ -315,7 +330,7 @@ class Trainer:
                                 stage_step=k,
                                 stage_done=k == stage.steps,
                                 stage_names=list(self.names),
-                                data_state=encode_data_state(it.get_state()),
+                                data_state=_all_process_states(encode_data_state(it.get_state())),
                                 nonfinite_total=nonfinite_total,
                                 nonfinite_streak=nonfinite_streak,
                             ),

@@ -125,10 +125,10 @@ def run_config(steps=(4, 4), *, checkpoint_every=2, batch_size=4, seq_len=16, me
 
 def main(argv):
     """Driver for the resume test: train the two-stage toy run in argv[1] and print final params' hash."""
-    from hybrid_jax.distill.trainer import Trainer
-
     import os
     import signal
+
+    from hybrid_jax.distill.trainer import Trainer
 
     workdir = argv[1]
     kill = (argv[2], int(argv[3])) if len(argv) > 3 else None
