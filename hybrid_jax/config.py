@@ -91,9 +91,38 @@ def _schema() -> dict:
     return dict(
         seed=0,
         teacher=dict(
-            path="",  # HF directory or hub id; "" only when every stage is `sft`
+            path="",  # HF directory or hub id; "" only when every stage is `sft` or `build` is set
             dtype="float32",
+            # A pretraining config file (e.g. configs/teacher_micro.py): with `path` empty, the
+            # teacher is trained by `hybrid_jax.pretrain` on first use and cached.
+            build="",
         ),
+        # The Qwen3 shape of a model trained from scratch (`python -m hybrid_jax.pretrain`).
+        model=dict(
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=4096,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+        ),
+        # "" path: the micro-world byte-level BPE (hybrid_jax.data.tokenizer), built once and cached.
+        tokenizer=dict(path="", vocab_size=1024),
+        # Evaluation at the end of a run (hybrid_jax.eval): the micro-world QA scored by
+        # log-likelihood and by generation; long-context lengths as "1024,4096" ("" = skip).
+        eval=dict(
+            enabled=True,
+            max_items=0,  # 0 = every question
+            batch_size=32,
+            max_new_tokens=16,
+            truncation="error",  # prompts beyond the model's limit: "error" or "left"
+            passkey_lengths="",
+            mqar_lengths="",
+        ),
+        export=dict(enabled=True),  # write WORKDIR/export as a Hugging Face directory
         student=dict(
             layer_spec="",  # e.g. "attention:0,2,6;kda:1,3,4,5"; or a preset name below
             preset="",
@@ -305,8 +334,12 @@ def validate_config(config) -> None:
         if s.top_k < 0:
             raise ConfigError(f"config: stages.{name}.top_k must be >= 0 (0 = full vocabulary), got {s.top_k}")
         teacher_needed |= r.needs_teacher
-    if teacher_needed:
+    if teacher_needed and not config.teacher.build:
         check_teacher_path(config.teacher.path)
+    if config.teacher.build and not config.teacher.path and not os.path.exists(config.teacher.build):
+        raise ConfigError(f"config: teacher.build={config.teacher.build!r} does not exist; give a pretraining config "
+                          "file such as configs/teacher_micro.py")
+    _choice(config.eval.truncation, ("error", "left"), "eval.truncation")
 
 
 def check_teacher_path(path: str) -> None:
