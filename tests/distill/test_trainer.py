@@ -39,14 +39,16 @@ def _one_stage(stage, **train):
 
 
 def test_stage1_changes_only_the_new_mixers(teacher, tmp_path):
-    student = tiny_student(teacher, new_layers=(1,))
+    from hybrid_jax.models.hybrid import build_student
+
+    student = build_student(teacher, "attention:0;kda:1", mixer_config={"kda": {"chunk_size": 32}})
     before = _params(student)
     cfg = _one_stage(C.stage_config(type="attention_alignment", steps=3, lr=3e-2, warmup_frac=0.0))
     data_fn = lambda s: Batches(s.batch_size, s.seq_len, fixed=True)
     summary = Trainer(cfg, student, teacher=teacher, workdir=tmp_path, data_fn=data_fn).run()
     after = _params(student)
     changed = sorted(p for p in before if not np.array_equal(before[p], after[p]))
-    assert changed == sorted(p for p in before if p.startswith("blocks/1/mixer/"))
+    assert changed == sorted(p for p in before if p.startswith("blocks/1/mixer/"))  # every KDA parameter, nothing else
     s = summary["stages"]["only"]
     assert s["last_loss"] < s["first_loss"]
 
