@@ -242,6 +242,7 @@ class Trainer:
         writer = MetricsWriter(self.workdir, resume_step=latest, tensorboard=cfg.train.tensorboard)
         nonfinite_total = meta["nonfinite_total"] if meta else 0
         summary: dict = {"stages": {}}
+        it = None
         try:
             if latest is not None and start_step == 0:  # resume at a stage boundary: parameters only
                 params, _, _ = ckpt.restore(latest, params)
@@ -342,6 +343,7 @@ class Trainer:
                 summary["stages"][stage.name] = {"first_loss": first_loss, "last_loss": last_loss, "steps": stage.steps}
             ckpt.wait()
         finally:
+            _close(it)  # stops a prefetching iterator's threads, also when a stage fails
             writer.close()
             ckpt.close()
         nnx.update(self.student, flat.unflatten(params))
