@@ -56,8 +56,22 @@ def jax_worker(cases, new_tokens):
     from hybrid_jax.eval import generate as g
     from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
 
+    from hybrid_jax.layers import attention
+
     model = Qwen3(Qwen3Config(**QWEN3_0P6B, dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
+    # The flash-kernel path must compute what the masked-jnp oracle path computes (padded batch).
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 151936, (2, 1024)), jnp.int32)
+    mask = jnp.asarray(np.arange(1024)[None, :] >= np.asarray([[0], [300]]), jnp.int32)
+    outs = {}
+    for backend in ("xla", "auto"):
+        attention.ATTENTION_BACKEND = backend
+        outs[backend] = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, ids, mask), np.float32)
+    real = np.asarray(mask) == 1
+    diff = outs["auto"][real] - outs["xla"][real]
+    _emit(dict(framework="jax", check="flash_vs_masked_jnp_logits", device=jax.devices()[0].device_kind,
+               max_abs=float(np.abs(diff).max()),
+               rms_rel=float(np.sqrt((diff**2).mean() / (outs["xla"][real] ** 2).mean()))))
     sampling = tuple(sorted(dict(temperature=0.0, top_k=0, top_p=1.0).items()))
     for batch, context in cases:
         rec = dict(framework="jax", batch=batch, context=context, new_tokens=new_tokens,
@@ -162,6 +176,8 @@ def run_worker(framework, args):
 def summarise(recs, new_tokens):
     rows = {}
     for r in recs:
+        if "check" in r:
+            continue
         key = (r["batch"], r["context"])
         if "error" in r:
             rows.setdefault(key, {})[r["framework"]] = r["error"]

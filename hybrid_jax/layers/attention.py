@@ -1,8 +1,9 @@
 """Grouped-query softmax attention (Qwen3: q/k RMSNorm per head, RoPE, optional biases).
 
-All attention math goes through `attention_core`, the op interface kernels plug into: the
-sliding-window Pallas kernel can replace it on the no-cache path without touching the layer.
-`Attention.window` (None = full) makes the same layer a sliding-window mixer.
+All attention math goes through two functions: `attention_core` (masked jnp, any queries against
+any cached keys) and `self_attention` (queries and keys are the same tokens: training, scoring and
+a prefill into an empty cache), which runs the flash kernel `pallas_kernels.swa.swa_attention` on
+GPU. `Attention.window` (None = full) makes the same layer a sliding-window mixer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from hybrid_jax.layers.norms import RMSNorm
 from hybrid_jax.layers.params import param
 from hybrid_jax.layers.rope import apply_rope, rope_frequencies
 from hybrid_jax.models import cache as cache_lib
+
+# "auto": `self_attention` uses the Pallas flash kernel on GPU (head_dim a power of two >= 16) and
+# masked jnp elsewhere; "xla": masked jnp everywhere (the path the CPU tests check against transformers).
+ATTENTION_BACKEND = "auto"
 
 # Upper bound on one query chunk's float32 score tensor; longer prompts are processed in
 # query chunks so a 32K-token prefill never materialises the full [T, S] score matrix.
@@ -84,6 +89,30 @@ def attention_core(q, k, v, *, q_segment_ids, kv_segment_ids, q_index, kv_index,
     )
     out = jax.lax.map(one, chunks)  # [n, B, chunk, KH, G, D]
     return out.swapaxes(0, 1).reshape(b, n * chunk, h, d)[:, :t]
+
+
+def _use_kernel(q) -> bool:
+    d = q.shape[-1]
+    return (ATTENTION_BACKEND == "auto" and jax.devices()[0].platform == "gpu"
+            and d >= 16 and d & (d - 1) == 0)
+
+
+def self_attention(q, k, v, *, segment_ids, window=None, scale):
+    """Causal attention of a sequence over itself (no cache); padded queries (segment 0) return 0.
+
+    The kernel treats a document as a run of equal segment ids, which is the same as "equal ids"
+    for left-padded and packed batches (the layouts the data pipeline and generation produce).
+    """
+    t = q.shape[1]
+    if _use_kernel(q):
+        from pallas_kernels.swa import swa_attention
+
+        o = swa_attention(q, k.astype(q.dtype), v.astype(q.dtype), window=min(window or t, t),
+                          segment_ids=segment_ids.astype(jnp.int32), scale=float(scale))
+        return jnp.where((segment_ids != 0)[:, :, None, None], o, 0).astype(q.dtype)
+    index = jnp.arange(t, dtype=jnp.int32)
+    return attention_core(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                          q_index=index, kv_index=index, window=window, scale=scale)
 
 
 class Attention(nnx.Module):
@@ -155,17 +184,24 @@ class Attention(nnx.Module):
         q, k, v = self.project_qkv(x, positions)
         t = x.shape[1]
         if cache is None:
-            index = jnp.arange(t, dtype=jnp.int32)
-            o = attention_core(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                               q_index=index, kv_index=index, window=self.window, scale=self.scale)
+            o = self_attention(q, k, v, segment_ids=segment_ids, window=self.window, scale=self.scale)
             return self.output(o), None
         start = cache["index"]
         cache = cache_lib.append_kv(cache, k, v, segment_ids)
-        o = attention_core(q, cache["k"], cache["v"], q_segment_ids=segment_ids,
-                           kv_segment_ids=cache["segment_ids"],
-                           q_index=start + jnp.arange(t, dtype=jnp.int32),
-                           kv_index=jnp.arange(cache["k"].shape[1], dtype=jnp.int32),
-                           window=self.window, scale=self.scale)
+
+        def over_cache():
+            return attention_core(q, cache["k"], cache["v"], q_segment_ids=segment_ids,
+                                  kv_segment_ids=cache["segment_ids"],
+                                  q_index=start + jnp.arange(t, dtype=jnp.int32),
+                                  kv_index=jnp.arange(cache["k"].shape[1], dtype=jnp.int32),
+                                  window=self.window, scale=self.scale).astype(q.dtype)
+
+        if t > 1 and _use_kernel(q):
+            # A prefill into an empty cache is plain self-attention: take the flash kernel.
+            o = jax.lax.cond(start == 0, lambda: self_attention(
+                q, k, v, segment_ids=segment_ids, window=self.window, scale=self.scale), over_cache)
+        else:
+            o = over_cache()
         return self.output(o), cache
 
     def init_cache(self, batch_size: int, max_length: int, dtype) -> dict[str, jax.Array]:

@@ -154,3 +154,22 @@ def test_config_hf_round_trip_and_errors():
         Qwen3Config(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         Qwen3Config(num_attention_heads=6, num_key_value_heads=4)
+
+
+def test_kernel_route_matches_masked_path(monkeypatch, model):
+    """The route to pallas_kernels.swa (taken on GPU) computes what the masked jnp path computes.
+
+    On CPU swa_attention's "auto" backend is its reference oracle, so this checks the plumbing:
+    GQA, segment ids, zeroed padding, the window, and the empty-cache prefill branch.
+    """
+    ids = _ids(9, (2, 12))
+    mask = jnp.asarray([[1] * 12, [0] * 5 + [1] * 7])
+    ref = logits_of(model, ids, mask)
+    cache_fwd = nnx.jit(lambda m, i, a, c: m.forward(i, a, positions=default_positions(a), cache=c).logits)
+    ref_cached = cache_fwd(model, ids, mask, init_cache(model, 2, 16))
+    monkeypatch.setattr(attention_mod, "_use_kernel", lambda q: True)
+    got = nnx.jit(lambda m, i, a: m(i, a))(model, ids, mask)
+    np.testing.assert_allclose(got[mask == 1], ref[mask == 1], atol=1e-5, rtol=0)
+    got_cached = nnx.jit(lambda m, i, a, c: m.forward(i, a, positions=default_positions(a), cache=c).logits)(
+        model, ids, mask, init_cache(model, 2, 16))
+    np.testing.assert_allclose(got_cached[mask == 1], ref_cached[mask == 1], atol=1e-5, rtol=0)
