@@ -65,11 +65,13 @@ def main():
     p.add_argument("--oracle-seq", default="2048,8192")
     p.add_argument("--oracle-bwd-max", type=int, default=2048,
                    help="the oracle's backward keeps its chunk buffer per token: skip it above this T")
+    p.add_argument("--label", default="", help="free text printed with the device line")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--packed-seq", default="32768", help="T of the packed-documents row ('' to skip)")
     p.add_argument("--doc-len", type=int, default=3000, help="packed-documents row: mean doc length")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=400.0,
@@ -78,7 +80,8 @@ def main():
     p.add_argument("--out", default=None)
     a = p.parse_args()
     B, H, D, F, C = a.batch, a.heads, a.head_dim, a.hidden, a.chunk
-    print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  B={B} H={H} D={D} F={F} chunk={C} bf16")
+    print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  B={B} H={H} D={D} F={F} "
+          f"chunk={C} bf16 {a.label}")
 
     def fwd(backend, seg):
         def f(args, w0):
@@ -95,7 +98,7 @@ def main():
     oracle_seq = {int(s) for s in a.oracle_seq.split(",") if s}
     cases = [(int(T), "scan", False) for T in a.seq.split(",")]
     cases += [(T, "reference", False) for T in sorted(oracle_seq)]
-    cases += [(32768 if "32768" in a.seq.split(",") else int(a.seq.split(",")[-1]), "scan", True)]
+    cases += [(int(T), "scan", True) for T in a.packed_seq.split(",") if T]
     for T, backend, packed in cases:
         args, w0 = inputs(B, T, H, D, F)
         seg = None

@@ -74,7 +74,9 @@ def ttt_memory_reference(q, k, v, lr, momentum, decay, *, weights0, chunk_size,
 
     xs = (tm(q), tm(k), tm(v), tm(lr), tm(momentum), tm(decay),
           jnp.moveaxis(segment_ids.astype(jnp.int32), 1, 0))
-    (w, s, _, n, _), o = jax.lax.scan(step, init, xs)
+    # Checkpointed so the backward keeps one carry per token, not every token's chunk
+    # activations.
+    (w, s, _, n, _), o = jax.lax.scan(jax.checkpoint(step), init, xs)
     o = jnp.moveaxis(o, 0, 1)
     if normalize:
         o = o / jnp.sqrt(jnp.mean(o * o, axis=-1, keepdims=True) + eps)
