@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="search kernel block sizes first")
+    ap.add_argument("--features", action="store_true",
+                    help="also time our kernel with sinks and packed documents")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -103,15 +105,28 @@ def main():
             cfg = sweep(q, k, v, do, args.window, args.repeats)
             results["config"] = cfg
 
-        def ours(q, k, v):
-            return swa_gpu.swa_attention_gpu(q, k, v, window=args.window, sinks=0,
-                                             segment_ids=None, scale=args.head_dim ** -0.5,
-                                             **cfg)
+        def ours(q, k, v, sinks=0, segment_ids=None):
+            return swa_gpu.swa_attention_gpu(q, k, v, window=args.window, sinks=sinks,
+                                             segment_ids=segment_ids,
+                                             scale=args.head_dim ** -0.5, **cfg)
 
         def cudnn(q, k, v):
             return swa_attention(q, k, v, window=args.window, backend="cudnn")
 
-        for name, attn in (("cudnn", cudnn), ("pallas_gpu", ours)):
+        impls = [("cudnn", cudnn), ("pallas_gpu", ours)]
+        if args.features:
+            # What cuDNN cannot express: sink tokens, and packed documents (8 per row).
+            docs = jnp.repeat(jnp.arange(1, 9, dtype=jnp.int32), t // 8)[None, :]
+            impls += [("pallas_gpu+sinks64", lambda q, k, v: ours(q, k, v, sinks=64)),
+                      ("pallas_gpu+sinks64+8docs",
+                       lambda q, k, v: ours(q, k, v, sinks=64, segment_ids=docs))]
+        # Agreement check at full size (bf16 both sides, so a loose bound).
+        a, c = jax.jit(ours)(q, k, v), jax.jit(cudnn)(q, k, v)
+        err = float(jnp.sqrt(jnp.mean((a.astype(jnp.float32) - c.astype(jnp.float32)) ** 2)
+                             / jnp.mean(c.astype(jnp.float32) ** 2)))
+        print(f"T={t}: RMS-relative difference pallas_gpu vs cudnn = {err:.2e}", flush=True)
+        results.setdefault("rms_rel_vs_cudnn", {})[t] = err
+        for name, attn in impls:
             fwd, fb = make_fns(attn, do)
             for mode, fn, flops, nbytes in (("fwd", fwd, ff, fb_), ("fwd+bwd", fb, fbf, fbb)):
                 ms = timeit(fn, (q, k, v), args.repeats)
