@@ -128,6 +128,9 @@ def _schema() -> dict:
             preset="",
             init_from_teacher=True,
             path="",  # start from an existing student checkpoint instead of building one
+            # Mixer hyperparameters {kind: {key: value}} (and {"layers": {i: {...}}}) passed to
+            # build_student; keys and defaults in hybrid_jax.models.hybrid.DEFAULT_MIXER_CONFIG.
+            mixers={},
         ),
         # The `data` section is read by hybrid_jax.data.pipeline.make_batches (docs/data.md):
         # either the single-source shorthand source/path/split or a `sources` mixture list.
@@ -187,7 +190,10 @@ def default_config() -> ml_collections.ConfigDict:
     c = _locked({k: v for k, v in _schema().items() if k != "stages"})
     with c.unlocked():
         c.stages = ml_collections.ConfigDict()
+    with c.student.unlocked():
+        c.student.mixers = ml_collections.ConfigDict()
     c.stages.unlock()  # stage names are the user's; each stage itself is locked (stage_config)
+    c.student.mixers.unlock()  # mixer kinds are checked by build_student against its defaults
     return c
 
 
