@@ -121,12 +121,18 @@ class Trainer:
         workdir: str,
         teacher: nnx.Module | None = None,
         mesh=None,
+        step_hook: Callable[[nnx.Module, int], None] | None = None,
         print_fn: Callable[[str], None] = print,
     ):
+        """`step_hook(student, global_step)` runs before every step and may change the student's
+        static attributes (e.g. AllMem's window/sinks/chunk via `set_allmem_hparams`); each
+        distinct configuration compiles once. Derive any randomness from the step so a resumed
+        run draws the same values."""
         self.config = config
         self.student = student
         self.teacher = teacher
         self.data_fn = data_fn
+        self.step_hook = step_hook
         self.workdir = os.path.abspath(workdir)
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         self.names = stage_names(config)
@@ -277,7 +283,7 @@ class Trainer:
                         raise ConfigError(f"checkpoint {latest} was written by {len(states)} processes, this run has {jax.process_count()}; resume with the same host count")
                     it.set_state(decode_data_state(states[jax.process_index()]))
                     k0, nonfinite_streak = start_step, meta["nonfinite_streak"]
-                step_fn = self._make_step(stage, tx, sched, graphdef, flat, (tr_sh, opt_sh))
+                step_fns = {}  # graphdef -> jitted step (one per static configuration of the student)
                 first_loss = last_loss = None
                 pbar = _progress(cfg.train.progress and jax.process_index() == 0, stage, k0)
                 t0, tokens = time.perf_counter(), 0
@@ -291,7 +297,12 @@ class Trainer:
                     self._check_batch(stage, host_batch)
                     batch = shard_batch({key: host_batch[key] for key in BATCH_KEYS}, mesh)
                     tokens += count_tokens(host_batch) * jax.process_count()
-                    trainable, opt_state, m = step_fn(trainable, frozen, rest, opt_state, t_params, t_rest, batch)
+                    if self.step_hook is not None:
+                        self.step_hook(self.student, global_step + 1)
+                        graphdef = nnx.graphdef(self.student)
+                    if graphdef not in step_fns:
+                        step_fns[graphdef] = self._make_step(stage, tx, sched, graphdef, flat, (tr_sh, opt_sh))
+                    trainable, opt_state, m = step_fns[graphdef](trainable, frozen, rest, opt_state, t_params, t_rest, batch)
                     m = jax.device_get(m)
                     global_step += 1
                     finite = bool(m.pop("finite"))

@@ -35,6 +35,7 @@ class ToyRecurrentMixer(nnx.Module):
     """A gated running mean over the tokens of the current segment (a stand-in for KDA)."""
 
     mixer_kind = "kda"
+    gain = 1.0  # a static attribute (part of the graph definition), scales the output
 
     def __init__(self, hidden: int, heads: int, head_dim: int, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.3)
@@ -50,7 +51,7 @@ class ToyRecurrentMixer(nnx.Module):
         start = jnp.arange(x.shape[1])[None] - positions  # first token of each token's segment
         before = jnp.where((start > 0)[..., None, None], jnp.take_along_axis(cs, jnp.maximum(start - 1, 0)[..., None, None], axis=1), 0.0)
         mean = (cs - before) / (positions + 1)[..., None, None].astype(x.dtype)
-        y = jnp.einsum("bthk,hkd->btd", g * mean, self.o_proj[...])
+        y = jnp.einsum("bthk,hkd->btd", g * mean, self.o_proj[...]) * self.gain
         return jnp.where((segment_ids > 0)[..., None], y, 0.0), None
 
 
@@ -144,9 +145,9 @@ def main(argv):
         it.stage = s.name
         return it
 
-    teacher = tiny_teacher()
+    teacher = tiny_teacher(layers=2)
     student = tiny_student(teacher)
-    cfg = run_config(steps=(5, 6))
+    cfg = run_config(steps=(3, 5))
     trainer = Trainer(cfg, student, teacher=teacher, workdir=workdir, data_fn=data_fn)
     trainer.run()
     state = nnx.state(student, nnx.Param)

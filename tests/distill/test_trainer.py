@@ -146,3 +146,24 @@ def test_bad_inputs_fail_before_any_compute(teacher, tmp_path):
     cfg = _one_stage(C.stage_config(type="attention_alignment", steps=2))
     with pytest.raises(C.ConfigError, match="no layer to align"):
         Trainer(cfg, nnx.clone(teacher), teacher=teacher, workdir=tmp_path, data_fn=_data)
+
+
+def test_step_hook_sets_static_attributes_before_each_step(teacher, tmp_path):
+    student = tiny_student(teacher, new_layers=(1,))
+    calls = []
+
+    def hook(model, step):  # odd steps silence the new mixer (a different static configuration)
+        calls.append(step)
+        model.blocks[1].mixer.gain = 0.0 if step % 2 else 1.0
+
+    cfg = _one_stage(C.stage_config(type="attention_alignment", steps=3, lr=1e-2))
+    Trainer(cfg, student, teacher=teacher, workdir=tmp_path, data_fn=lambda s: Batches(s.batch_size, s.seq_len, fixed=True), step_hook=hook).run()
+    assert calls == [1, 2, 3]
+    b = Batches(cfg.train.batch_size, cfg.train.seq_len, fixed=True).__next__()
+    out = teacher.forward(jnp.asarray(b["input_ids"]), positions=jnp.asarray(b["positions"]), segment_ids=jnp.asarray(b["segment_ids"]), output_mixer_io=True)
+    y = np.asarray(out.mixer_outputs[1], np.float64)
+    real = b["segment_ids"] > 0
+    silent = float((y**2).mean(-1)[real].mean())  # MSE against a mixer that outputs 0
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert abs(losses[0] - silent) <= 1e-5 * silent and abs(losses[2] - silent) <= 1e-5 * silent
+    assert abs(losses[1] - silent) > 1e-3 * silent
