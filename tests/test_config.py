@@ -127,3 +127,10 @@ def test_resolved_stage_inherits_and_defaults(tmp_path):
     assert (r.batch_size, r.seq_len, r.loss) == (2, c.train.seq_len, "forward_kl")
     assert r.freeze == ("attention",) and r.trainable == ()
     assert r.data.loss_mask == "completion" and r.data.source == c.data.source
+
+
+def test_open_sections_take_new_keys(tmp_path):
+    c = _cfg(tmp_path)
+    c.student.mixers.kda = {"chunk_size": 32}  # checked by the student builder
+    c.stages.extra = C.stage_config(type="sft", steps=1, loss="ce")
+    C.validate_config(c)
