@@ -285,12 +285,11 @@ def swa_attention_gpu(q, k, v, *, window, sinks, segment_ids, scale, interpret=F
     """Validated inputs -> o [B, T, Hq, D]; pads T to the block size internally."""
     cfg = dict(DEFAULT_CONFIG, **overrides)
     b, t, _, d = q.shape
-    if not interpret and (d < 16 or d & (d - 1)):
-        raise ValueError(f"swa_attention(backend='pallas_gpu'): head_dim must be a power of two "
-                         f">= 16 for the Triton kernel, got {d}; use backend='reference'")
+    # Triton tiles need power-of-two sizes: zero head-dim columns change no dot product.
+    dp = max(16, 1 << (d - 1).bit_length())
     tp = round_up(t, max(cfg[key] for key in BLOCK_KEYS))
     starts = padded_starts(segment_ids, b, t, tp)
     cfg.update(window=min(window, tp), sinks=min(sinks, tp), scale=scale, interpret=interpret)
-    o = _swa(pad_time(q, tp), pad_time(k, tp), pad_time(v, tp), starts,
-             tuple(sorted(cfg.items())))
-    return o[:, :t]
+    q, k, v = (jnp.pad(pad_time(x, tp), ((0, 0), (0, 0), (0, 0), (0, dp - d))) for x in (q, k, v))
+    o = _swa(q, k, v, starts, tuple(sorted(cfg.items())))
+    return o[:, :t, :, :d]

@@ -94,13 +94,13 @@ CASES = {
     "full-causal-mha": dict(heads=(2, 2), window=64, sinks=0, segments=False),
     "window-sinks-gqa": dict(heads=(4, 2), window=5, sinks=3, segments=False),
     "window-sinks-segments-gqa": dict(heads=(6, 2), window=6, sinks=2, segments=True),
-    "window-segments": dict(heads=(2, 1), window=9, sinks=0, segments=True),
+    "window-segments-dim24": dict(heads=(2, 1), window=9, sinks=0, segments=True, dim=24),
 }
 
 
 def check_against_oracle(kernel, case):
     hq, hkv = case["heads"]
-    q, k, v, do = make_inputs(2, 23, hq, hkv, 16, seed=hq)
+    q, k, v, do = make_inputs(2, 23, hq, hkv, case.get("dim", 16), seed=hq)
     kw = dict(window=case["window"], sinks=case["sinks"], scale=0.3,
               segment_ids=jnp.asarray(SEG) if case["segments"] else None)
 
@@ -210,6 +210,8 @@ def test_bad_inputs_name_the_argument():
         swa_attention(q, k, v, window=4, segment_ids=jnp.ones((1, 7), jnp.int32))
     with pytest.raises(TypeError, match="`segment_ids`"):
         swa_attention(q, k, v, window=4, segment_ids=jnp.ones((1, 8), jnp.float32))
+    with pytest.raises(ValueError, match="`scale`"):
+        swa_attention(q, k, v, window=4, scale=-1.0)
     with pytest.raises(ValueError, match="`backend`"):
         swa_attention(q, k, v, window=4, backend="triton")
     with pytest.raises(ValueError, match="cudnn"):
