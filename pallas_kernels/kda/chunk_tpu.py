@@ -86,10 +86,38 @@ def _row(ref, i):
     return ref[pl.ds(i, 1), :]
 
 
-def _pairwise(a_ref, b_ref, g_ref, out_ref, *, strict):
+class _Exps(NamedTuple):
+    """VMEM tables of in-chunk log-decay sums. Every exponent used by the pairwise products is
+    a sum of g over exactly the tokens between the pair (a masked matmul or a running sum),
+    never a difference of two long prefix sums, whose rounding (eps * |G|, with |G| in the
+    hundreds under strong decay) would swamp a small exponent."""
+    g: object    # [C, K]  g itself (float32)
+    lp: object   # [C, K]  sum of g from the token's sub-block start to the token (inclusive)
+    ls: object   # [C, K]  sum of g after the token to its sub-block end (backward only)
+    suf: object  # [nb*C, K] block i: sum of g over (s, start_i - 1] for s < start_i
+    pre: object  # [nb*C, K] block j: sum of g over (end_j, t] for t > end_j (backward only)
+
+
+def _fill_exps(ex, C, *, backward):
+    g = ex.g[...]
+    r, c = _iota((C, C), 0), _iota((C, C), 1)
+    same_block = lax.div(r, _SUB) == lax.div(c, _SUB)  # jnp // lowers via sign, whose
+    # Mosaic rule asks the attached TPU for its generation (breaks export from CPU)
+    ex.lp[...] = _dot((same_block & (c <= r)).astype(_F32), g)
+    if backward:
+        ex.ls[...] = _dot((same_block & (c > r)).astype(_F32), g)
+    # Rows of suf (block 0) and pre (last block) that are never written are never selected:
+    # the products mask them with `where` (no token before block 0 / after the last block).
+    for i in range(1, C // _SUB):
+        lo = i * _SUB
+        ex.suf[pl.ds(i * C, C), :] = _dot(((c > r) & (c < lo)).astype(_F32), g)
+        if backward:  # block i - 1 ends at lo - 1
+            ex.pre[pl.ds((i - 1) * C, C), :] = _dot(((c >= lo) & (c <= r)).astype(_F32), g)
+
+
+def _pairwise(a_ref, b_ref, ex, out_ref, *, strict):
     """out[t,s] = sum_c a_t[c] b_s[c] exp(G_t[c] - G_s[c]) for s < t (strict) or s <= t."""
-    C = g_ref.shape[0]
-    G = g_ref[...]
+    C = a_ref.shape[0]
     b = b_ref[...]
     rows = _iota((C, 1), 0)
     lane = _iota((_SUB, C), 1)
@@ -97,31 +125,33 @@ def _pairwise(a_ref, b_ref, g_ref, out_ref, *, strict):
     def sub_block(i, carry):
         lo = pl.multiple_of(i * _SUB, _SUB)
         a_i = a_ref[pl.ds(lo, _SUB), :]
-        G_i = g_ref[pl.ds(lo, _SUB), :]
-        # Columns s < lo through the reference token r = lo - 1 (all zero for the first block).
-        G_r = _row(g_ref, jnp.maximum(lo - 1, 0))
+        # Columns s < lo through the token r = lo - 1 (all zero for the first block):
+        # exp(G_t - G_r) = exp(lp_t), exp(G_r - G_s) = exp(suf_i[s]).
         before = rows < lo
-        right = jnp.where(before, b * jnp.exp(jnp.where(before, G_r - G, 0.0)), 0.0)
-        acc = _dot_nt(a_i * jnp.exp(G_i - G_r), right)
+        suf = ex.suf[pl.ds(pl.multiple_of(i * C, C), C), :]
+        right = jnp.where(before, b * jnp.exp(jnp.where(before, suf, 0.0)), 0.0)
+        acc = _dot_nt(a_i * jnp.exp(ex.lp[pl.ds(lo, _SUB), :]), right)
         t = _iota((_SUB, 1), 0) + lo
 
-        def diag_column(j, acc):
-            s = lo + j
+        def diag_column(j, carry):  # s runs down the sub-block; e[t] = sum of g over (s, t]
+            acc, e = carry
+            s = lo + _SUB - 1 - j
             valid = t > s if strict else t >= s
-            w = jnp.exp(jnp.where(valid, G_i - _row(g_ref, s), 0.0))
+            w = jnp.exp(jnp.where(valid, e, 0.0))
             col = jnp.sum(a_i * _row(b_ref, s) * w, axis=-1, keepdims=True)
-            return jnp.where(lane == s, jnp.where(valid, col, 0.0), acc)
+            acc = jnp.where(lane == s, jnp.where(valid, col, 0.0), acc)
+            return acc, e + jnp.where(t >= s, _row(ex.g, s), 0.0)
 
-        out_ref[pl.ds(lo, _SUB), :] = lax.fori_loop(0, _SUB, diag_column, acc)
+        e0 = jnp.zeros_like(a_i)
+        out_ref[pl.ds(lo, _SUB), :] = lax.fori_loop(0, _SUB, diag_column, (acc, e0))[0]
         return carry
 
     lax.fori_loop(0, C // _SUB, sub_block, 0)
 
 
-def _pairwise_rows_bwd(dm_ref, b_ref, g_ref, out_ref):
+def _pairwise_rows_bwd(dm_ref, b_ref, ex, out_ref):
     """out[t] = sum_{s<=t} dM[t,s] b_s exp(G_t - G_s)  (dM is zero above the diagonal)."""
-    C = g_ref.shape[0]
-    G = g_ref[...]
+    C = dm_ref.shape[0]
     b = b_ref[...]
     rows = _iota((C, 1), 0)
     lane = _iota((_SUB, C), 1)
@@ -129,30 +159,30 @@ def _pairwise_rows_bwd(dm_ref, b_ref, g_ref, out_ref):
     def sub_block(i, carry):
         lo = pl.multiple_of(i * _SUB, _SUB)
         dm_i = dm_ref[pl.ds(lo, _SUB), :]
-        G_i = g_ref[pl.ds(lo, _SUB), :]
-        G_r = _row(g_ref, jnp.maximum(lo - 1, 0))
         before = rows < lo
-        right = jnp.where(before, b * jnp.exp(jnp.where(before, G_r - G, 0.0)), 0.0)
-        x = jnp.exp(G_i - G_r) * _dot(dm_i, right)
+        suf = ex.suf[pl.ds(pl.multiple_of(i * C, C), C), :]
+        right = jnp.where(before, b * jnp.exp(jnp.where(before, suf, 0.0)), 0.0)
+        x = jnp.exp(ex.lp[pl.ds(lo, _SUB), :]) * _dot(dm_i, right)
         t = _iota((_SUB, 1), 0) + lo
 
-        def diag_column(j, x):
-            s = lo + j
+        def diag_column(j, carry):
+            x, e = carry
+            s = lo + _SUB - 1 - j
             col = jnp.sum(jnp.where(lane == s, dm_i, 0.0), axis=-1, keepdims=True)
-            w = jnp.exp(jnp.where(t >= s, G_i - _row(g_ref, s), 0.0))
-            return x + col * _row(b_ref, s) * w
+            w = jnp.exp(jnp.where(t >= s, e, 0.0))
+            return x + col * _row(b_ref, s) * w, e + jnp.where(t >= s, _row(ex.g, s), 0.0)
 
-        out_ref[pl.ds(lo, _SUB), :] = lax.fori_loop(0, _SUB, diag_column, x)
+        out_ref[pl.ds(lo, _SUB), :] = lax.fori_loop(0, _SUB, diag_column,
+                                                    (x, jnp.zeros_like(x)))[0]
         return carry
 
     lax.fori_loop(0, C // _SUB, sub_block, 0)
     return out_ref[...]
 
 
-def _pairwise_cols_bwd(dmt_ref, a_ref, g_ref, out_ref):
+def _pairwise_cols_bwd(dmt_ref, a_ref, ex, out_ref):
     """out[s] = sum_{t>=s} dM[t,s] a_t exp(G_t - G_s), given dMt = dM^T (zero below diagonal)."""
-    C = g_ref.shape[0]
-    G = g_ref[...]
+    C = dmt_ref.shape[0]
     a = a_ref[...]
     rows = _iota((C, 1), 0)
     lane = _iota((_SUB, C), 1)
@@ -160,22 +190,24 @@ def _pairwise_cols_bwd(dmt_ref, a_ref, g_ref, out_ref):
     def sub_block(j, carry):
         lo = pl.multiple_of(j * _SUB, _SUB)
         dmt_j = dmt_ref[pl.ds(lo, _SUB), :]
-        G_j = g_ref[pl.ds(lo, _SUB), :]
-        # Rows t > r through r = the sub-block's last token (all zero for the last block).
-        r = lo + _SUB - 1
-        G_r = _row(g_ref, r)
-        after = rows > r
-        right = jnp.where(after, a * jnp.exp(jnp.where(after, G - G_r, 0.0)), 0.0)
-        y = jnp.exp(G_r - G_j) * _dot(dmt_j, right)
+        # Rows t > r through r = the sub-block's last token (all zero for the last block):
+        # exp(G_t - G_r) = exp(pre_j[t]), exp(G_r - G_s) = exp(ls_s).
+        after = rows > lo + _SUB - 1
+        pre = ex.pre[pl.ds(pl.multiple_of(j * C, C), C), :]
+        right = jnp.where(after, a * jnp.exp(jnp.where(after, pre, 0.0)), 0.0)
+        y = jnp.exp(ex.ls[pl.ds(lo, _SUB), :]) * _dot(dmt_j, right)
         s = _iota((_SUB, 1), 0) + lo
 
-        def diag_column(i, y):
+        def diag_column(i, carry):  # t runs up the sub-block; e[s] = sum of g over (s, t]
+            y, e = carry
             t = lo + i
+            e = e + jnp.where(s < t, _row(ex.g, t), 0.0)
             col = jnp.sum(jnp.where(lane == t, dmt_j, 0.0), axis=-1, keepdims=True)
-            w = jnp.exp(jnp.where(s <= t, _row(g_ref, t) - G_j, 0.0))
-            return y + col * _row(a_ref, t) * w
+            w = jnp.exp(jnp.where(s <= t, e, 0.0))
+            return y + col * _row(a_ref, t) * w, e
 
-        out_ref[pl.ds(lo, _SUB), :] = lax.fori_loop(0, _SUB, diag_column, y)
+        out_ref[pl.ds(lo, _SUB), :] = lax.fori_loop(0, _SUB, diag_column,
+                                                    (y, jnp.zeros_like(y)))[0]
         return carry
 
     lax.fori_loop(0, C // _SUB, sub_block, 0)
@@ -223,9 +255,17 @@ class _Chunk(NamedTuple):
     ed: jax.Array     # exp(G_C - G), zero for tokens not in the chunk's last segment
 
 
-def _chunk_math(cfg, refs, St, *, with_p):
-    """Recompute the chunk: fills qs_ref, k_ref, G_ref, a_ref (and p_ref) scratch."""
-    q_ref, k_ref, v_ref, g_ref, b_ref, seg, qs_s, k_s, G_s, a_s, p_s = refs
+class _Scratch(NamedTuple):
+    qs: object  # [C, K] normalised, scaled q
+    k: object   # [C, K] normalised k
+    ex: _Exps
+    a: object   # [C, C] pairwise k.k decay products
+    p: object   # [C, C] pairwise q.k decay products
+
+
+def _chunk_math(cfg, ins, seg, scr, St, *, with_p, backward):
+    """Recompute the chunk from its inputs (and fill the scratch tables)."""
+    q_ref, k_ref, v_ref, g_ref, b_ref = ins
     C = cfg.chunk
     q = q_ref[...].astype(_F32)
     k = k_ref[...].astype(_F32)
@@ -233,30 +273,32 @@ def _chunk_math(cfg, refs, St, *, with_p):
     if cfg.l2norm:
         q, q_rinv = _l2norm(q)
         k, k_rinv = _l2norm(k)
-    qs_s[...] = q * cfg.scale
-    k_s[...] = k
-    tril = (_iota((C, C), 0) >= _iota((C, C), 1)).astype(_F32)
-    G = _dot(tril, g_ref[...].astype(_F32))  # in-chunk cumsum on the MXU
-    G_s[...] = G
+    scr.qs[...] = q * cfg.scale
+    scr.k[...] = k
+    g = g_ref[...].astype(_F32)
+    scr.ex.g[...] = g
+    _fill_exps(scr.ex, C, backward=backward)
+    r, c = _iota((C, C), 0), _iota((C, C), 1)
     same = None
     if seg is not None:
         dcol_ref, drow_ref, carry_ref, toend_ref = seg
         same = dcol_ref[...] == drow_ref[...]  # [C,1] == [1,C]
-    _pairwise(k_s, k_s, G_s, a_s, strict=True)
-    At = a_s[...]
+    _pairwise(scr.k, scr.k, scr.ex, scr.a, strict=True)
+    At = scr.a[...]
     if with_p:
-        _pairwise(qs_s, k_s, G_s, p_s, strict=False)
+        _pairwise(scr.qs, scr.k, scr.ex, scr.p, strict=False)
     if same is not None:
         At = jnp.where(same, At, 0.0)
-        a_s[...] = At
+        scr.a[...] = At
         if with_p:
-            p_s[...] = jnp.where(same, p_s[...], 0.0)
+            scr.p[...] = jnp.where(same, scr.p[...], 0.0)
     beta = b_ref[...].astype(_F32)
     Tinv = _unit_lower_inverse(beta * At)
-    eG = jnp.exp(G)
-    G_last = _row(G_s, C - 1)
-    dec = jnp.exp(G_last)
-    ed = jnp.exp(G_last - G)
+    # Decays from the chunk start (inclusive) and to the chunk end (exclusive), both sums of
+    # g over exactly the tokens concerned (cumulative sums on the MXU).
+    eG = jnp.exp(_dot((c <= r).astype(_F32), g))
+    ed = jnp.exp(_dot((c > r).astype(_F32), g))
+    dec = jnp.exp(jnp.sum(g, axis=0, keepdims=True))
     if seg is not None:
         eG = eG * carry_ref[...]
         dec = dec * _row(carry_ref, C - 1)
@@ -271,13 +313,13 @@ def _chunk_math(cfg, refs, St, *, with_p):
 
 def _fwd_kernel(*refs, cfg, emit_states):
     n_seg = 4 if cfg.segmented else 0
-    q_ref, k_ref, v_ref, g_ref, b_ref, h0_ref = refs[:6]
+    ins, h0_ref = refs[:5], refs[5]
     seg = refs[6:6 + n_seg] or None
     rest = refs[6 + n_seg:]
-    if emit_states:
-        h_ref, s_ref, qs_s, k_s, G_s, a_s, p_s = rest
-    else:
-        o_ref, ht_ref, s_ref, qs_s, k_s, G_s, a_s, p_s = rest
+    n_out = 1 if emit_states else 2
+    outs = rest[:n_out]
+    s_ref, qs_s, k_s, g_s, lp_s, suf_s, a_s, p_s = rest[n_out:]
+    scr = _Scratch(qs_s, k_s, _Exps(g_s, lp_s, None, suf_s, None), a_s, p_s)
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -285,13 +327,13 @@ def _fwd_kernel(*refs, cfg, emit_states):
         s_ref[...] = h0_ref[...]
 
     St = s_ref[...]  # [V, K]: the state entering this chunk, transposed
-    ch = _chunk_math(cfg, (q_ref, k_ref, v_ref, g_ref, b_ref, seg, qs_s, k_s, G_s, a_s, p_s),
-                     St, with_p=not emit_states)
+    ch = _chunk_math(cfg, ins, seg, scr, St, with_p=not emit_states, backward=False)
     new_St = St * ch.dec + _dot_tn(ch.D, ch.k * ch.ed)
     s_ref[...] = new_St
     if emit_states:
-        h_ref[...] = St
+        outs[0][...] = St
         return
+    o_ref, ht_ref = outs
     o = _dot_nt(qs_s[...] * ch.eG, St) + _dot(p_s[...], ch.D)
     o_ref[...] = o.astype(o_ref.dtype)
 
@@ -302,10 +344,13 @@ def _fwd_kernel(*refs, cfg, emit_states):
 
 def _bwd_kernel(*refs, cfg):
     n_seg = 4 if cfg.segmented else 0
-    q_ref, k_ref, v_ref, g_ref, b_ref, brow_ref, h_ref, do_ref, dht_ref = refs[:9]
+    ins = refs[:5]
+    brow_ref, h_ref, do_ref, dht_ref = refs[5:9]
     seg = refs[9:9 + n_seg] or None
-    (dq_ref, dk_ref, dv_ref, dg_ref, db_ref, dh0_ref,
-     ds_ref, qs_s, k_s, G_s, a_s, p_s, dm_s, dmt_s, x_s) = refs[9 + n_seg:]
+    (dq_ref, dk_ref, dv_ref, dg_ref, db_ref, dh0_ref, ds_ref, qs_s, k_s, g_s, lp_s, ls_s, x_s,
+     suf_s, pre_s, a_s, p_s, dm_s, dmt_s) = refs[9 + n_seg:]
+    ex = _Exps(g_s, lp_s, ls_s, suf_s, pre_s)
+    scr = _Scratch(qs_s, k_s, ex, a_s, p_s)
     C = cfg.chunk
     i = pl.program_id(2)
 
@@ -315,8 +360,7 @@ def _bwd_kernel(*refs, cfg):
 
     St = h_ref[...]
     dSt = ds_ref[...]  # gradient w.r.t. the state leaving this chunk, transposed
-    ch = _chunk_math(cfg, (q_ref, k_ref, v_ref, g_ref, b_ref, seg, qs_s, k_s, G_s, a_s, p_s),
-                     St, with_p=True)
+    ch = _chunk_math(cfg, ins, seg, scr, St, with_p=True, backward=True)
     qs = qs_s[...]
     k = ch.k
     Qg = qs * ch.eG
@@ -354,13 +398,13 @@ def _bwd_kernel(*refs, cfg):
     dP_diag = jnp.sum(dO * D, axis=-1, keepdims=True)
     dm_s[...] = jnp.where(lower, _dot_nt(dO, D), 0.0)
     dmt_s[...] = jnp.where(upper, _dot_nt(D, dO), 0.0)
-    xp = _pairwise_rows_bwd(dm_s, k_s, G_s, x_s)
-    yp = _pairwise_cols_bwd(dmt_s, qs_s, G_s, x_s)
+    xp = _pairwise_rows_bwd(dm_s, k_s, ex, x_s)
+    yp = _pairwise_cols_bwd(dmt_s, qs_s, ex, x_s)
     # ... and through At = k.k decay products (scaled by beta of the row token).
     dm_s[...] = ch.beta * dA
     dmt_s[...] = dAt * brow_ref[...].astype(_F32)
-    xa = _pairwise_rows_bwd(dm_s, k_s, G_s, x_s)
-    ya = _pairwise_cols_bwd(dmt_s, k_s, G_s, x_s)
+    xa = _pairwise_rows_bwd(dm_s, k_s, ex, x_s)
+    ya = _pairwise_cols_bwd(dmt_s, k_s, ex, x_s)
 
     dqs = dQg * ch.eG + xp + dP_diag * k
     dk = dKg * ch.eG + dKd * ch.ed + yp + xa + ya + dP_diag * qs
@@ -386,10 +430,12 @@ def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def _scratch(cfg, Kp, Vp, n_ck, n_cc):
+def _scratch(cfg, Kp, Vp, *, backward):
+    """State (V, K); [C, K] tables; [nb*C, K] boundary sums; [C, C] pairwise matrices."""
     C = cfg.chunk
+    n_ck, n_tab, n_cc = (6, 2, 4) if backward else (4, 1, 2)
     return ([pltpu.VMEM((Vp, Kp), _F32)] + [pltpu.VMEM((C, Kp), _F32)] * n_ck
-            + [pltpu.VMEM((C, C), _F32)] * n_cc)
+            + [pltpu.VMEM((C // _SUB * C, Kp), _F32)] * n_tab + [pltpu.VMEM((C, C), _F32)] * n_cc)
 
 
 def _seg_specs(C, chunk_of):
@@ -421,7 +467,7 @@ def _forward(cfg, q, k, v, g, beta_col, h0, seg, *, emit_states):
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, emit_states=emit_states),
         grid=(B, H, n), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=_scratch(cfg, Kp, Vp, 3, 2), compiler_params=_params(),
+        scratch_shapes=_scratch(cfg, Kp, Vp, backward=False), compiler_params=_params(),
         interpret=cfg.interpret, name="kda_fwd_states" if emit_states else "kda_fwd",
     )(*args)
 
@@ -450,7 +496,7 @@ def _backward(cfg, q, k, v, g, beta_col, h, do, dht, seg):
     return pl.pallas_call(
         functools.partial(_bwd_kernel, cfg=cfg),
         grid=(B, H, n), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=_scratch(cfg, Kp, Vp, 3, 4) + [pltpu.VMEM((C, Kp), _F32)], compiler_params=_params(),
+        scratch_shapes=_scratch(cfg, Kp, Vp, backward=True), compiler_params=_params(),
         interpret=cfg.interpret, name="kda_bwd",
     )(*args)
 
