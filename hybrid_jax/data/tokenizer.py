@@ -2,7 +2,8 @@
 
 `build_tokenizer(out_dir)` trains it with HF `tokenizers` on the micro-world's corpus,
 chats and long-context filler, and saves tokenizer.json + tokenizer_config.json (with the
-Qwen3-style chat template) that `transformers.AutoTokenizer.from_pretrained` loads. The
+Qwen3-style chat template; also chat_template.jinja) that
+`transformers.AutoTokenizer.from_pretrained` loads. The
 pre-tokeniser is Qwen2/3's (digits split one by one), the special tokens are Qwen3's:
 `<|endoftext|>` (pad, document separator), `<|im_start|>`, `<|im_end|>` (eos), and the
 `<think>`/`</think>` markers. Training is deterministic: the same world and vocabulary
@@ -72,9 +73,31 @@ def build_tokenizer(out_dir: str, world_config: microworld.WorldConfig | str | N
         additional_special_tokens=["<|im_start|>"], chat_template=chat.QWEN3_STYLE_TEMPLATE,
         clean_up_tokenization_spaces=False, model_max_length=131072)
     hf.save_pretrained(out_dir)
+    _portable_config(out_dir)
     log.info("micro-world tokenizer (vocab %d, world %s) saved to %s", len(hf),
              world.config.fingerprint(), out_dir)
     return load_tokenizer(out_dir)
+
+
+def _portable_config(out_dir: str):
+    """Rewrite tokenizer_config.json in the form transformers 4.x and 5.x both load:
+    the generic fast-tokenizer class, the chat template inline (5.x also reads
+    chat_template.jinja) and `additional_special_tokens` (5.x writes a list under
+    `extra_special_tokens`, which 4.x expects to be a dict)."""
+    import json
+
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "additional_special_tokens": ["<|im_start|>"],
+        "chat_template": chat.QWEN3_STYLE_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 131072,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def micro_tokenizer(cache_dir: str | None = None, world="default", vocab_size: int = 1024):
