@@ -1,9 +1,10 @@
 """Test helpers: a tiny Qwen3 teacher, a hybrid student with a toy recurrent mixer, and a
 deterministic resumable batch iterator. Also runnable as a driver for the resume test:
 
-    python -m tests.distill.helpers WORKDIR [KILL_STAGE KILL_BATCH]
+    python -m tests.distill.helpers WORKDIR [KILL_STAGE KILL_BATCH [sync]]
 
-which SIGKILLs itself when stage KILL_STAGE asks for batch index KILL_BATCH.
+which SIGKILLs itself when stage KILL_STAGE asks for batch index KILL_BATCH (with `sync`,
+checkpoints are written synchronously, so every save before the kill is complete).
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def main(argv):
     teacher = tiny_teacher(layers=2)
     student = tiny_student(teacher)
     cfg = run_config(steps=(3, 5))
+    cfg.train.async_checkpoints = "sync" not in argv[4:]
     trainer = Trainer(cfg, student, teacher=teacher, workdir=workdir, data_fn=data_fn)
     trainer.run()
     state = nnx.state(student, nnx.Param)

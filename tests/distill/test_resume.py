@@ -31,13 +31,18 @@ def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     r = _run(full, tmp_path / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
-    # killed right after the checkpoint at step 2 of stage 2 was started (asynchronous save in flight)
+    # 1. killed right after the asynchronous save at step 2 of stage 2 started (usually mid-save:
+    #    only orbax's temporary directory is left, and the run resumes from the end of stage 1)
     r = _run(killed, tmp_path / "cache", "kd", 2)
     assert r.returncode == -9, r.stderr[-3000:]
+    # 2. rerun, killed again at step 4 of stage 2 with synchronous saves: step 2's checkpoint is complete
+    r = _run(killed, tmp_path / "cache", "kd", 3, "sync")
+    assert r.returncode == -9, r.stderr[-3000:]
     assert not (killed / "final.npz").exists()
+    # 3. rerun: resumes mid-stage (optimiser state, data position) and finishes
     r = _run(killed, tmp_path / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming from" in r.stdout
+    assert "resuming from" in r.stdout and "stage 'kd' step 2, global step 5" in r.stdout, r.stdout
     a, b = np.load(full / "final.npz"), np.load(killed / "final.npz")
     assert a.files == b.files
     for k in a.files:
