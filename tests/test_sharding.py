@@ -46,6 +46,7 @@ def test_sharded_step_on_8_devices_equals_one_device(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tests.test_sharding", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())
+    print(res)  # shown with pytest -rP
     assert res["devices"] == 8
     assert res["embed_spec"] == ["tensor", "fsdp"]  # really sharded, not replicated
     for a, b in zip(res["loss_1"], res["loss_8"], strict=True):
