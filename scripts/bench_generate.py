@@ -54,9 +54,8 @@ def jax_worker(cases, new_tokens):
     from flax import nnx
 
     from hybrid_jax.eval import generate as g
-    from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
-
     from hybrid_jax.layers import attention
+    from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
 
     model = Qwen3(Qwen3Config(**QWEN3_0P6B, dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
