@@ -49,7 +49,7 @@ def check_decode_equals_forward(model, prompt_len=5, chunk=3, T=11):
     """Left-padded batch: prefill, a multi-token continuation, then token-by-token decode."""
     ids = jax.random.randint(jax.random.PRNGKey(0), (2, T), 0, CFG.vocab_size)
     mask = jnp.ones((2, T), jnp.int32).at[0, :3].set(0)
-    full = _forward(model, ids, mask, None)
+    full = _forward(model, ids, mask, jnp.ones_like(mask))
     pos = default_positions(mask)
     cache = init_cache(model, 2, 16)
     outs, t = [], 0
@@ -63,21 +63,56 @@ def check_decode_equals_forward(model, prompt_len=5, chunk=3, T=11):
     assert int(cache[0]["index"]) == T
 
 
-def check_packing(model):
-    ids = jax.random.randint(jax.random.PRNGKey(5), (1, 10), 0, CFG.vocab_size)
-    seg = jnp.asarray([[1] * 4 + [2] * 6], jnp.int32)
-    packed = _forward(model, ids, None, seg)
-    a = _forward(model, ids[:, :4], None, None)
-    b = _forward(model, ids[:, 4:], None, None)
-    np.testing.assert_allclose(np.asarray(packed), np.asarray(jnp.concatenate([a, b], 1)), atol=1e-4, rtol=1e-4)
+def check_packing(model, T=11):
+    """Row 0 packs two documents; row 1 is the second document alone, left-padded: same logits."""
+    ids = jax.random.randint(jax.random.PRNGKey(5), (1, T), 0, CFG.vocab_size)
+    ids = jnp.concatenate([ids, ids], axis=0)
+    seg = jnp.asarray([[1] * 4 + [2] * (T - 4), [1] * T], jnp.int32)
+    mask = jnp.asarray([[1] * T, [0] * 4 + [1] * (T - 4)], jnp.int32)
+    out = np.asarray(_forward(model, ids, mask, seg))
+    np.testing.assert_allclose(out[0, 4:], out[1, 4:], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["attention:0,2;kda:1,3", "gdn:0,1;attention:2;kda:3"])
-def test_decode_equals_forward_and_packing(teacher, spec):
-    student = build_student(teacher, spec, FAST)
+STUDENTS = {
+    "hybrid_kda": ("attention:0,2;kda:1,3", FAST),
+    "mixed_gdn": ("gdn:0;attention:1;kda:2;allmem:3", {**FAST, "allmem": {"window": 3, "chunk_size": 3}}),
+    "swa": ("swa:0-3", {"swa": {"window": 3, "sinks": 2}}),
+    "allmem": ("allmem:0-3", {"allmem": {"window": 3, "sinks": 1, "chunk_size": 2, "lr_init": 0.1}}),
+}
+
+
+@pytest.mark.parametrize("name", list(STUDENTS))
+def test_decode_equals_forward_and_packing(teacher, name):
+    spec, mixer_config = STUDENTS[name]
+    student = build_student(teacher, spec, mixer_config)
     randomize_new_params(student)
     check_decode_equals_forward(student)
     check_packing(student)
+
+
+def test_allmem_with_zero_gate_equals_the_swa_model_exactly(teacher):
+    window = {"window": 3, "sinks": 1}
+    swa = build_student(teacher, "swa:0-3", {"swa": window})
+    mem = build_student(teacher, "allmem:0-3", {"allmem": {**window, "chunk_size": 2, "lr_init": 0.1}})
+    ids = jax.random.randint(jax.random.PRNGKey(5), (2, 11), 0, CFG.vocab_size)
+    mask = jnp.ones((2, 11), jnp.int32).at[1, :2].set(0)
+    np.testing.assert_array_equal(np.asarray(_forward(mem, ids, mask, None)), np.asarray(_forward(swa, ids, mask, None)))
+
+
+def test_allmem_filter_selects_exactly_memory_and_gate(teacher):
+    import re
+
+    from hybrid_jax.layers.allmem import ALLMEM_TRAINABLE_REGEX, allmem_trainable_filter
+
+    student = build_student(teacher, "attention:0;kda:1;allmem:2,3", FAST)
+    paths = lambda state: {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
+    every = paths(nnx.state(student, nnx.Param))
+    chosen = paths(nnx.state(student, allmem_trainable_filter))
+    expected = {p for p in every if p.split("/")[:4] in (["blocks", "2", "mixer", "memory"], ["blocks", "3", "mixer", "memory"])
+                or p in ("blocks/2/mixer/alpha", "blocks/3/mixer/alpha")}
+    assert chosen == expected
+    assert {"blocks/2/mixer/memory/w1", "blocks/3/mixer/alpha", "blocks/2/mixer/memory/lr_bias"} <= chosen
+    assert {p for p in every if re.search(ALLMEM_TRAINABLE_REGEX, p)} == expected
 
 
 def test_build_student_copies_exactly_what_it_should(teacher):
@@ -132,12 +167,16 @@ def test_config_round_trip(teacher):
                                   np.asarray(_forward(student, ids, None, None)))
 
 
-def test_hybrid_kda_preset_for_qwen3_0p6b_layout():
-    cfg = CFG.replace(num_hidden_layers=28, hidden_size=16, intermediate_size=16, vocab_size=32)
-    student = build_student(Qwen3(cfg), "qwen3_0p6b_hybrid_kda", FAST, init_from_teacher=False)
-    kinds = layer_kinds(student)
+def test_presets(teacher):
+    from hybrid_jax.config import parse_layer_spec
+
+    assert layer_kinds(build_student(teacher, "all_allmem", init_from_teacher=False)) == ("allmem",) * 4
+    # Hybrid-KDA for the 28-layer Qwen3-0.6B keeps attention at {0,2,6,11,13,18,21}; it refuses other depths.
+    kinds = parse_layer_spec("qwen3_0p6b_hybrid_kda", 28)
     assert {i for i, k in enumerate(kinds) if k == "attention"} == set(QWEN3_0P6B_KDA_ATTENTION)
     assert kinds.count("kda") == 21
+    with pytest.raises(ConfigError, match="28-layer"):
+        build_student(teacher, "qwen3_0p6b_hybrid_kda")
 
 
 @pytest.mark.parametrize("spec, match", [
