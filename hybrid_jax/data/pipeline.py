@@ -362,11 +362,4 @@ def make_batches(cfg, tokenizer, seq_len: int, batch_size: int, seed: int = 0,
                          prefetch)
 
 
-def iter_records(spec: Mapping):
-    """Every record of one source once, in order (for evaluation sets)."""
-    src = sources.open_source(spec)
-    for i in range(len(src)):
-        yield src[i]
-
-
-__all__ = ["make_batches", "BatchIterator", "build_stream", "iter_records", "DEFAULTS"]
+__all__ = ["make_batches", "BatchIterator", "build_stream", "DEFAULTS"]
