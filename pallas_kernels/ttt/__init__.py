@@ -33,6 +33,8 @@ def _check(q, k, v, lr, momentum, decay, weights0, chunk_size, segment_ids, init
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
     B, T, H, D = q.shape
+    if T < 1:
+        raise ValueError(f"q, k, v need at least one token, got T={T}")
     for name, x in (("lr", lr), ("momentum", momentum), ("decay", decay)):
         if x.shape != (B, T, H):
             raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}, got {x.shape}")
@@ -60,7 +62,7 @@ def _check(q, k, v, lr, momentum, decay, weights0, chunk_size, segment_ids, init
             raise TypeError("initial_state must be a TTTState (the final_state of an earlier call, "
                             "or pallas_kernels.ttt.init_state(weights0, batch_size))")
         ref = init_state(weights0, B)
-        for got, want in zip(jax.tree.leaves(initial_state), jax.tree.leaves(ref)):
+        for got, want in zip(jax.tree.leaves(initial_state), jax.tree.leaves(ref), strict=True):
             if got.shape != want.shape or got.dtype != want.dtype:
                 raise ValueError(f"initial_state does not match B={B}, H={H}, D={D}, F={F}: leaf "
                                  f"{got.shape} {got.dtype}, expected {want.shape} {want.dtype}")

@@ -104,7 +104,7 @@ def _read_and_grad(w: Packed, q, k, v, wt):
 
 def _select(mask_b: jax.Array, x, y):
     """Per batch row: x where mask_b else y (tuples of [B,...] arrays)."""
-    return tuple(jnp.where(mask_b.reshape((-1,) + (1,) * (xi.ndim - 1)), xi, yi) for xi, yi in zip(x, y))
+    return tuple(jnp.where(mask_b.reshape((-1,) + (1,) * (xi.ndim - 1)), xi, yi) for xi, yi in zip(x, y, strict=True))
 
 
 def _zeros_like(w):
@@ -123,7 +123,7 @@ def _block_step(carry, xs, *, w0: Packed, chunk_size: int, may_post: bool, may_s
     q, k, v, lr, mom, dec, seg, valid = xs  # q,k,v [B,H,L,D]; lr,mom,dec [B,H,L]; seg [B,L]; valid [L]
     L = seg.shape[1]
     idx = jnp.arange(L)
-    w0b = tuple(jnp.broadcast_to(x, c.shape) for x, c in zip(w0, c_w))
+    w0b = tuple(jnp.broadcast_to(x, c.shape) for x, c in zip(w0, c_w, strict=True))
 
     # A new segment at the block's first token restarts from W0.
     reset = seg[:, 0] != c_seg
@@ -151,13 +151,13 @@ def _block_step(carry, xs, *, w0: Packed, chunk_size: int, may_post: bool, may_s
 
     # Reads and gradient at the carried weights.
     read_a, g_pre = _read_and_grad(w, q, k, v, lr * per_head(pre))
-    g_a = tuple(x + y for x, y in zip(gacc, g_pre))
+    g_a = tuple(x + y for x, y in zip(gacc, g_pre, strict=True))
 
     sel = per_head(at_close)
     mu = jnp.sum(mom * sel, axis=-1)[..., None, None]  # [B,H,1,1]
     alpha = jnp.sum(dec * sel, axis=-1)[..., None, None]
-    m_new = tuple(mu * mi - gi for mi, gi in zip(mbuf, g_a))
-    w_new = tuple((1.0 - alpha) * wi + mi for wi, mi in zip(w, m_new))
+    m_new = tuple(mu * mi - gi for mi, gi in zip(mbuf, g_a, strict=True))
+    w_new = tuple((1.0 - alpha) * wi + mi for wi, mi in zip(w, m_new, strict=True))
     w_new = _select(update, w_new, w)
     m_new = _select(update, m_new, mbuf)
 

@@ -61,8 +61,8 @@ def ttt_memory_reference(q, k, v, lr, momentum, decay, *, weights0, chunk_size,
             live = jnp.arange(C)[None, None, :] < n[:, None, None]
             g = jax.grad(_chunk_loss)(w, bk, bv, jnp.where(live, blr, 0.0))
             mu, al = mut[..., None, None], alt[..., None, None]
-            s_new = tuple(mu * si - gi for si, gi in zip(s, g))
-            w_new = tuple((1.0 - al) * wi + si for wi, si in zip(w, s_new))
+            s_new = tuple(mu * si - gi for si, gi in zip(s, g, strict=True))
+            w_new = tuple((1.0 - al) * wi + si for wi, si in zip(w, s_new, strict=True))
             return rows(full, w_new, w), rows(full, s_new, s)
 
         w, s = jax.lax.cond(jnp.any(full), update, lambda w, s: (w, s), w, s)

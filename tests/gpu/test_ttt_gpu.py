@@ -60,7 +60,7 @@ def test_bf16_forward_and_grads_vs_fp32_oracle():
         g_ref = jax.jit(jax.grad(functools.partial(loss, ttt_memory_reference), (0, 1)))(args, w0)
     g = jax.jit(jax.grad(functools.partial(loss, ttt_memory), (0, 1)))(args16, w0)
     for name, got, want in zip(["q", "k", "v", "lr", "momentum", "decay", "w1", "w2", "w3"],
-                               jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+                               jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         err = rel(jnp.asarray(got, jnp.float32), want)
         print(f"bf16 grad {name} rel err {err:.2e}")
         assert np.all(np.isfinite(np.asarray(got, np.float32)))
