@@ -453,8 +453,8 @@ def _forward(cfg, q, k, v, g, beta_col, h0, seg, *, emit_states):
     Vp = v.shape[-1]
     C = cfg.chunk
     n = Tp // C
-    ident = lambda i: i  # noqa: E731
-    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, i: (b, h, i, 0))  # noqa: E731
+    ident = lambda i: i
+    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, i: (b, h, i, 0))
     state = pl.BlockSpec((None, None, Vp, Kp), lambda b, h, i: (b, h, 0, 0))
     in_specs = [tok(Kp), tok(Kp), tok(Vp), tok(Kp), tok(1), state]
     args = [q, k, v, g, beta_col, h0]
@@ -481,8 +481,8 @@ def _backward(cfg, q, k, v, g, beta_col, h, do, dht, seg):
     Vp = v.shape[-1]
     C = cfg.chunk
     n = Tp // C
-    rev = lambda i: n - 1 - i  # noqa: E731
-    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, i: (b, h, rev(i), 0))  # noqa: E731
+    rev = lambda i: n - 1 - i
+    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, i: (b, h, rev(i), 0))
     state = pl.BlockSpec((None, None, Vp, Kp), lambda b, h, i: (b, h, 0, 0))
     beta_row = beta_col.reshape(B, H, n, 1, C)
     in_specs = [tok(Kp), tok(Kp), tok(Vp), tok(Kp), tok(1),
@@ -493,7 +493,7 @@ def _backward(cfg, q, k, v, g, beta_col, h, do, dht, seg):
     if seg is not None:
         in_specs += _seg_specs(C, rev)
         args += list(seg)
-    f32 = lambda d: jax.ShapeDtypeStruct((B, H, Tp, d), _F32)  # noqa: E731
+    f32 = lambda d: jax.ShapeDtypeStruct((B, H, Tp, d), _F32)
     out_shape = (f32(Kp), f32(Kp), f32(Vp), f32(Kp), f32(1),
                  jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32))
     out_specs = (tok(Kp), tok(Kp), tok(Vp), tok(Kp), tok(1), state)
