@@ -241,3 +241,12 @@ def test_strong_decay_accuracy_matches_float64_recurrence():
     o, _ = jax.jit(lambda *a: chunk_kda_tpu(*a, initial_state=h0, chunk_size=64,
                                             interpret=INTERPRET))(q, k, v, g, beta)
     assert rms_rel(o, _float64_recurrence(q, k, v, g, beta, h0, K ** -0.5)) <= 5e-7
+
+
+def test_public_op_dispatches_pallas_tpu_to_this_kernel():
+    from pallas_kernels.kda import chunk_kda
+
+    x = jnp.zeros((1, 70, 2, 64))
+    beta = jnp.zeros((1, 70, 2))
+    fn = jax.jit(lambda q: chunk_kda(q, x, x, x, beta, backend="pallas_tpu")[0])
+    assert "kda_fwd" in jax.export.export(fn, platforms=("tpu",))(x).mlir_module()
