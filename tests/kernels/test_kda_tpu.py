@@ -250,3 +250,20 @@ def test_public_op_dispatches_pallas_tpu_to_this_kernel():
     beta = jnp.zeros((1, 70, 2))
     fn = jax.jit(lambda q: chunk_kda(q, x, x, x, beta, backend="pallas_tpu")[0])
     assert "kda_fwd" in jax.export.export(fn, platforms=("tpu",))(x).mlir_module()
+
+
+def test_training_path_without_state():
+    """The common training call: no initial state, no final state, gradients of o only."""
+    B, T, H, K, V = 1, 40, 2, 16, 16
+    q, k, v, g, beta = make_inputs(B, T, H, K, V, seed=5, strong_decay="some",
+                                   extreme_beta=False, normalise_k=False)
+    w = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, V))
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a, use_qk_l2norm_in_kernel=True)[0] * w)
+
+    kernel = lambda *a, **kw: chunk_kda_tpu(*a, chunk_size=32, interpret=INTERPRET, **kw)
+    grads = jax.jit(jax.grad(loss(kernel), argnums=tuple(range(5))))(q, k, v, g, beta)
+    grads_ref = jax.grad(loss(recurrent_kda_reference), argnums=tuple(range(5)))(q, k, v, g, beta)
+    for name, gk, gr in zip(("q", "k", "v", "g", "beta"), grads, grads_ref, strict=True):
+        assert rms_rel(gk, gr) <= 1e-4, name
