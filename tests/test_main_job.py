@@ -1,0 +1,78 @@
+"""The main job end to end through its CLI: cached teacher -> student -> stages -> eval table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_pretrain_evaluate import TINY_CONFIG_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+
+RUN_CONFIG = '''
+from hybrid_jax.config import default_config, stage_config
+
+def get_config():
+    c = default_config()
+    c.teacher.build = "{teacher}"
+    c.student.layer_spec = "attention:0;kda:1"
+    c.student.mixers.kda = dict(chunk_size=32)
+    c.train.batch_size = 4
+    c.train.seq_len = 64
+    c.train.progress = False
+    c.train.tensorboard = False
+    c.train.log_every = 2
+    c.data.loss_mask = "completion"
+    c.stages.align = stage_config(type="attention_alignment", steps=4, lr=1e-3)
+    c.stages.kd = stage_config(type="logit_kd", steps=4, lr=1e-3)
+    c.stage_order = "align,kd"
+    c.eval.max_items = 4
+    c.eval.max_new_tokens = 4
+    c.export.enabled = False
+    return c
+'''
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("main_job")
+    (root / "teacher_tiny.py").write_text(TINY_CONFIG_FILE)
+    (root / "run.py").write_text(RUN_CONFIG.format(teacher=root / "teacher_tiny.py"))
+    env = {"XDG_CACHE_HOME": str(root / "cache"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+
+    def cli(workdir):
+        return subprocess.run([sys.executable, "-m", "hybrid_jax.distill", f"--config={root / 'run.py'}",
+                               f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return root, cli
+
+
+def test_main_job_end_to_end_and_rerun(run):
+    root, cli = run
+    workdir = root / "w"
+    first = cli(workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "first use; cached for later runs" in first.stdout
+    assert "stage align: loss" in first.stdout and "stage kd: loss" in first.stdout
+    table = (workdir / "eval" / "eval.md").read_text()
+    assert "| teacher |" in table and "| student |" in table
+    assert json.loads((workdir / "student_config.json").read_text())["layer_spec"] == "attention:0;kda:1"
+    assert (workdir / "tokenizer" / "tokenizer.json").exists()
+    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+    assert steps and steps[-1] == 8
+
+    # The same command again: the teacher comes from the cache and the finished run is not retrained.
+    again = cli(workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "using the cached teacher" in again.stdout and "resuming from" in again.stdout
+    assert [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")] == steps
+
+
+def test_main_job_without_a_teacher_fails_clearly(run, tmp_path):
+    root, _ = run
+    proc = subprocess.run([sys.executable, "-m", "hybrid_jax.distill", "--config=configs/quickstart.py",
+                           "--config.teacher.build=", f"--workdir={tmp_path}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "teacher.path is empty but a stage needs a teacher" in proc.stderr
