@@ -41,6 +41,7 @@ def test_mesh_shape_fills_and_rejects():
         mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
 
 
+@pytest.mark.slow
 def test_sharded_step_on_8_devices_equals_one_device(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     r = subprocess.run([sys.executable, "-m", "tests.test_sharding", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from hybrid_jax.distill.metrics import read_metrics
 
@@ -27,6 +28,7 @@ def _strip(records):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     r = _run(full, tmp_path / "cache")

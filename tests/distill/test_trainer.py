@@ -167,3 +167,24 @@ def test_step_hook_sets_static_attributes_before_each_step(teacher, tmp_path):
     losses = [r["loss"] for r in read_metrics(tmp_path)]
     assert abs(losses[0] - silent) <= 1e-5 * silent and abs(losses[2] - silent) <= 1e-5 * silent
     assert abs(losses[1] - silent) > 1e-3 * silent
+
+
+def test_hidden_alignment_trains_only_aligned_blocks_then_sft_trains_all(teacher, tmp_path):
+    student = tiny_student(teacher, new_layers=(1,))
+    before = _params(student)
+    cfg = run_config()
+    cfg.stages = {
+        "hidden": C.stage_config(type="hidden_alignment", steps=1, lr=1e-2),
+        "sft": C.stage_config(type="sft", steps=1, lr=1e-2),
+    }
+    cfg.stage_order = "hidden,sft"
+    cfg.train.checkpoint_every = 1
+    summary = Trainer(cfg, student, teacher=teacher, workdir=tmp_path, data_fn=_data).run()
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    after_hidden = ckpt.restore(1, {p: jnp.asarray(v) for p, v in before.items()})[0]
+    ckpt.close()
+    changed = sorted(p for p in before if not np.array_equal(before[p], np.asarray(after_hidden[p])))
+    assert changed == sorted(p for p in before if p.startswith("blocks/1/"))  # the new layer's whole block
+    after = _params(student)
+    assert all(not np.array_equal(np.asarray(after_hidden[p]), after[p]) for p in before)
+    assert summary["global_step"] == 2
