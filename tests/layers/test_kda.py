@@ -19,6 +19,16 @@ def make_layer(gate="channel", seed=0):
     return layer
 
 
+@nnx.jit
+def run(layer, x, seg):
+    return layer(x, positions=None, segment_ids=seg)[0]
+
+
+@nnx.jit
+def run_cached(layer, x, seg, cache):
+    return layer(x, positions=None, segment_ids=seg, cache=cache)
+
+
 def torch_layer(layer):
     import torch
     from transformers import KimiLinearConfig
@@ -54,7 +64,7 @@ def test_matches_transformers_kimi_delta_attention():
     layer = make_layer()
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 21, D), jnp.float32)
     seg = jnp.ones((2, 21), jnp.int32)
-    y, _ = layer(x, positions=None, segment_ids=seg)
+    y = run(layer, x, seg)
     with torch.no_grad():
         ref = torch_layer(layer)(torch.tensor(np.asarray(x))).numpy()
     assert rms_rel(y, ref) < 1e-5, rms_rel(y, ref)
@@ -67,15 +77,13 @@ def test_decode_equals_forward_with_packing_and_padding():
     x = jax.random.normal(jax.random.PRNGKey(2), (2, T, D), jnp.float32)
     # row 0: 3 pads then one document; row 1: two packed documents, the second starting at 7.
     seg = jnp.asarray([[0] * 3 + [1] * 10, [1] * 7 + [2] * 6], jnp.int32)
-    full, _ = layer(x, positions=None, segment_ids=seg)
+    full = run(layer, x, seg)
     cache = layer.init_cache(2, 32, jnp.float32)
-    y0, cache = layer(x[:, :5], positions=None, segment_ids=seg[:, :5], cache=cache)
-    outs = [y0]
-    y1, cache = layer(x[:, 5:9], positions=None, segment_ids=seg[:, 5:9], cache=cache)  # multi-token continuation
-    outs.append(y1)
-    for t in range(9, T):
-        yt, cache = layer(x[:, t:t + 1], positions=None, segment_ids=seg[:, t:t + 1], cache=cache)
-        outs.append(yt)
+    outs, t = [], 0
+    for n in [5, 4] + [1] * (T - 9):  # prefill, multi-token continuation, decode
+        y, cache = run_cached(layer, x[:, t:t + n], seg[:, t:t + n], cache)
+        outs.append(y)
+        t += n
     got = jnp.concatenate(outs, axis=1)
     real = np.asarray(seg) != 0
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(full)[real], atol=1e-5, rtol=1e-5)
@@ -85,12 +93,14 @@ def test_decode_equals_forward_with_packing_and_padding():
 @pytest.mark.parametrize("gate", ["channel", "scalar"])
 def test_packed_documents_compute_what_they_compute_alone(gate):
     layer = make_layer(gate)
+    # Row 0 packs two documents; row 1 holds the second one alone (left-padded).
     x = jax.random.normal(jax.random.PRNGKey(3), (1, 12, D), jnp.float32)
-    seg = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
-    packed, _ = layer(x, positions=None, segment_ids=seg)
-    a, _ = layer(x[:, :5], positions=None, segment_ids=jnp.ones((1, 5), jnp.int32))
-    b, _ = layer(x[:, 5:], positions=None, segment_ids=jnp.ones((1, 7), jnp.int32))
-    np.testing.assert_allclose(np.asarray(packed), np.asarray(jnp.concatenate([a, b], 1)), atol=1e-5, rtol=1e-5)
+    x = jnp.concatenate([x, x], axis=0)
+    seg = jnp.asarray([[1] * 5 + [2] * 7, [0] * 5 + [1] * 7], jnp.int32)
+    y = np.asarray(run(layer, x, seg))
+    np.testing.assert_allclose(y[0, 5:], y[1, 5:], atol=1e-5, rtol=1e-5)
+    alone = np.asarray(run(layer, x[:1, :5], jnp.ones((1, 5), jnp.int32)))
+    np.testing.assert_allclose(y[0, :5], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_gdn_gate_is_one_value_per_head():

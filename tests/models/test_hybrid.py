@@ -14,7 +14,7 @@ from hybrid_jax.models.hybrid import (build_student, build_student_from_config, 
                                       student_config_dict)
 from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config, default_positions
 
-CFG = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+CFG = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, max_position_embeddings=128, initializer_range=0.2,
                   tie_word_embeddings=False)
 FAST = {"kda": {"chunk_size": 8, "backend": "reference"}, "gdn": {"chunk_size": 8, "backend": "reference"}}
@@ -74,10 +74,10 @@ def check_packing(model, T=11):
 
 
 STUDENTS = {
-    "hybrid_kda": ("attention:0,2;kda:1,3", FAST),
-    "mixed_gdn": ("gdn:0;attention:1;kda:2;allmem:3", {**FAST, "allmem": {"window": 3, "chunk_size": 3}}),
-    "swa": ("swa:0-3", {"swa": {"window": 3, "sinks": 2}}),
-    "allmem": ("allmem:0-3", {"allmem": {"window": 3, "sinks": 1, "chunk_size": 2, "lr_init": 0.1}}),
+    "hybrid_kda": ("attention:0,2;kda:1", FAST),
+    "mixed_gdn": ("gdn:0;attention:1;allmem:2", {**FAST, "allmem": {"window": 3, "chunk_size": 3}}),
+    "swa": ("swa:0-2", {"swa": {"window": 3, "sinks": 2}}),
+    "allmem": ("allmem:0-2", {"allmem": {"window": 3, "sinks": 1, "chunk_size": 2, "lr_init": 0.1}}),
 }
 
 
@@ -92,8 +92,8 @@ def test_decode_equals_forward_and_packing(teacher, name):
 
 def test_allmem_with_zero_gate_equals_the_swa_model_exactly(teacher):
     window = {"window": 3, "sinks": 1}
-    swa = build_student(teacher, "swa:0-3", {"swa": window})
-    mem = build_student(teacher, "allmem:0-3", {"allmem": {**window, "chunk_size": 2, "lr_init": 0.1}})
+    swa = build_student(teacher, "swa:0-2", {"swa": window})
+    mem = build_student(teacher, "allmem:0-2", {"allmem": {**window, "chunk_size": 2, "lr_init": 0.1}})
     ids = jax.random.randint(jax.random.PRNGKey(5), (2, 11), 0, CFG.vocab_size)
     mask = jnp.ones((2, 11), jnp.int32).at[1, :2].set(0)
     np.testing.assert_array_equal(np.asarray(_forward(mem, ids, mask, None)), np.asarray(_forward(swa, ids, mask, None)))
@@ -104,19 +104,20 @@ def test_allmem_filter_selects_exactly_memory_and_gate(teacher):
 
     from hybrid_jax.layers.allmem import ALLMEM_TRAINABLE_REGEX, allmem_trainable_filter
 
-    student = build_student(teacher, "attention:0;kda:1;allmem:2,3", FAST)
+    student = build_student(teacher, "kda:0;allmem:1,2", FAST)
     paths = lambda state: {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
     every = paths(nnx.state(student, nnx.Param))
     chosen = paths(nnx.state(student, allmem_trainable_filter))
-    expected = {p for p in every if p.split("/")[:4] in (["blocks", "2", "mixer", "memory"], ["blocks", "3", "mixer", "memory"])
-                or p in ("blocks/2/mixer/alpha", "blocks/3/mixer/alpha")}
+    expected = {p for p in every if p.split("/")[:4] in (["blocks", "1", "mixer", "memory"], ["blocks", "2", "mixer", "memory"])
+                or p in ("blocks/1/mixer/alpha", "blocks/2/mixer/alpha")}
     assert chosen == expected
-    assert {"blocks/2/mixer/memory/w1", "blocks/3/mixer/alpha", "blocks/2/mixer/memory/lr_bias"} <= chosen
+    assert {"blocks/1/mixer/memory/w1", "blocks/2/mixer/alpha", "blocks/1/mixer/memory/lr_bias"} <= chosen
+    assert not any("/swa/" in p or p.startswith("blocks/0/") for p in chosen)
     assert {p for p in every if re.search(ALLMEM_TRAINABLE_REGEX, p)} == expected
 
 
 def test_build_student_copies_exactly_what_it_should(teacher):
-    student = build_student(teacher, "attention:0,2;kda:1;gdn:3", FAST)
+    student = build_student(teacher, "attention:0;kda:1;gdn:2", FAST)
     eq = lambda a, b: np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
     eq(student.embed, teacher.embed)
     eq(student.lm_head, teacher.lm_head)
@@ -126,13 +127,13 @@ def test_build_student_copies_exactly_what_it_should(teacher):
             eq(getattr(sb.mlp, name), getattr(tb.mlp, name))
         eq(sb.input_norm.weight, tb.input_norm.weight)
         eq(sb.post_attention_norm.weight, tb.post_attention_norm.weight)
-    assert layer_kinds(student) == ("attention", "kda", "attention", "gdn")
-    for i in (0, 2):
+    assert layer_kinds(student) == ("attention", "kda", "gdn")
+    for i in (0,):
         s_state = nnx.state(student.blocks[i].mixer, nnx.Param)
         t_state = nnx.state(teacher.blocks[i].mixer, nnx.Param)
         jax.tree.map(np.testing.assert_array_equal, s_state, t_state)
     g = CFG.num_attention_heads // CFG.num_key_value_heads
-    for i in (1, 3):
+    for i in (1, 2):
         m, a = student.blocks[i].mixer, teacher.blocks[i].mixer
         eq(m.q_proj, a.q_proj)
         eq(m.o_proj, a.o_proj)
@@ -149,16 +150,16 @@ def test_build_student_copies_exactly_what_it_should(teacher):
 
 
 def test_random_init_copies_nothing(teacher):
-    student = build_student(teacher, "attention:0,2;kda:1,3", FAST, init_from_teacher=False, rngs=nnx.Rngs(7))
+    student = build_student(teacher, "attention:0,2;kda:1", FAST, init_from_teacher=False, rngs=nnx.Rngs(7))
     assert not np.array_equal(np.asarray(student.embed[...]), np.asarray(teacher.embed[...]))
 
 
 def test_config_round_trip(teacher):
-    student = build_student(teacher, "attention:0;kda:1,3;gdn:2",
-                            {**FAST, "layers": {3: {"A_init_range": [2.0, 4.0]}}})
+    student = build_student(teacher, "kda:0,2;attention:1",
+                            {**FAST, "layers": {2: {"A_init_range": [2.0, 4.0]}}})
     cfg = json.loads(json.dumps(student_config_dict(student)))
-    assert cfg["layer_spec"] == "attention:0;kda:1,3;gdn:2"
-    assert cfg["layers"][3]["A_init_range"] == [2.0, 4.0] and cfg["layers"][1]["A_init_range"] == [1.0, 16.0]
+    assert cfg["layer_spec"] == "kda:0,2;attention:1"
+    assert cfg["layers"][2]["A_init_range"] == [2.0, 4.0] and cfg["layers"][0]["A_init_range"] == [1.0, 16.0]
     clone = build_student_from_config(cfg, rngs=nnx.Rngs(3))
     assert student_config_dict(clone) == cfg
     nnx.update(clone, nnx.state(student))
@@ -170,7 +171,7 @@ def test_config_round_trip(teacher):
 def test_presets(teacher):
     from hybrid_jax.config import parse_layer_spec
 
-    assert layer_kinds(build_student(teacher, "all_allmem", init_from_teacher=False)) == ("allmem",) * 4
+    assert layer_kinds(build_student(teacher, "all_allmem", init_from_teacher=False)) == ("allmem",) * 3
     # Hybrid-KDA for the 28-layer Qwen3-0.6B keeps attention at {0,2,6,11,13,18,21}; it refuses other depths.
     kinds = parse_layer_spec("qwen3_0p6b_hybrid_kda", 28)
     assert {i for i, k in enumerate(kinds) if k == "attention"} == set(QWEN3_0P6B_KDA_ATTENTION)
@@ -180,10 +181,10 @@ def test_presets(teacher):
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("attention:0,2;kda:1", r"layer\(s\) \[3\] are not named"),
-    ("attention:0,1,2;kda:1,3", "named twice"),
-    ("attention:0,2;mamba:1,3", "unknown mixer 'mamba'"),
-    ("attention:0,2;kda:1,3,4", "out of range"),
+    ("attention:0;kda:1", r"layer\(s\) \[2\] are not named"),
+    ("attention:0,1;kda:1,2", "named twice"),
+    ("attention:0,2;mamba:1", "unknown mixer 'mamba'"),
+    ("attention:0,2;kda:1,3", "out of range"),
     ("attention 0,2", "lacks ':'"),
 ])
 def test_layer_spec_errors(teacher, spec, match):
@@ -193,8 +194,12 @@ def test_layer_spec_errors(teacher, spec, match):
 
 def test_mixer_config_errors(teacher):
     with pytest.raises(ConfigError, match="unknown key 'chunk'"):
-        build_student(teacher, "attention:0,2;kda:1,3", {"kda": {"chunk": 8}})
+        build_student(teacher, "attention:0,2;kda:1", {"kda": {"chunk": 8}})
     with pytest.raises(ConfigError, match="unknown mixer 'mamba'"):
-        build_student(teacher, "attention:0,2;kda:1,3", {"mamba": {}})
+        build_student(teacher, "attention:0,2;kda:1", {"mamba": {}})
     with pytest.raises(ConfigError, match="out of range"):
-        build_student(teacher, "attention:0,2;kda:1,3", {"layers": {9: {}}})
+        build_student(teacher, "attention:0,2;kda:1", {"layers": {9: {}}})
+    with pytest.raises(ConfigError, match="not a kda setting"):
+        build_student(teacher, "attention:0,2;kda:1", {"layers": {1: {"window": 4}}})
+    with pytest.raises(ConfigError, match="'teacher' or 'random'"):
+        build_student(teacher, "attention:0,2;kda:1", {"kda": {"init": "copy"}})
