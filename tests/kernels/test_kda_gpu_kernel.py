@@ -12,11 +12,12 @@ from pallas_kernels.kda.reference import recurrent_kda_reference
 
 # A fixed sample of the grid B in {1,2}, T in {1,63,64,130,257}, H in {1,3}, K,V in {16,32,64}
 # (interpret mode is slow on CPU); each case mixes the hard parts.
-CASES = [  # B, T, H, K, V, chunk, g_min, initial state, segments, beta
-    (2, 63, 1, 16, 32, 32, -20.0, True, True, "extremes"),
-    (1, 130, 3, 32, 16, 64, -3.0, False, False, "random"),
-    (1, 1, 1, 16, 64, 64, -20.0, True, False, "extremes"),
-    (1, 257, 1, 16, 16, 32, -1.0, False, True, "random"),
+CASES = [  # B, T, H, K, V, chunk, g_min, initial state, segments, beta, kernel tiles
+    # two V tiles: the backward's per-V-tile partial sums
+    (2, 63, 1, 16, 32, 32, -20.0, True, True, "extremes", dict(block_v=16)),
+    # two K tiles: the loops over channel tiles
+    (1, 130, 3, 32, 16, 64, -3.0, False, False, "random", dict(block_k=16)),
+    (1, 1, 1, 16, 16, 32, -20.0, True, False, "extremes", {}),
 ]
 
 
@@ -31,9 +32,11 @@ def _loss_and_grads(fn, x, s0, seg, w, ws):
     return o, sT, grads
 
 
-@pytest.mark.parametrize("B,T,H,K,V,C,g_min,with_state,segments,beta_mode", CASES)
+@pytest.mark.parametrize("B,T,H,K,V,C,g_min,with_state,segments,beta_mode,tiles", CASES)
 def test_kernel_forward_and_gradients_match_token_oracle(B, T, H, K, V, C, g_min, with_state,
-                                                         segments, beta_mode):
+                                                         segments, beta_mode, tiles):
+    from pallas_kernels.kda.chunk_gpu import chunk_kda_gpu
+
     x, s0, seg = make_inputs(B * T + K, B, T, H, K, V, g_min=g_min, with_state=True,
                              segments=segments, beta_mode=beta_mode)
     if not with_state:
@@ -44,7 +47,8 @@ def test_kernel_forward_and_gradients_match_token_oracle(B, T, H, K, V, C, g_min
     # Pallas interpret mode fills every output with NaN before the kernel runs, so any
     # tile the kernel leaves unwritten would show up below (see the poison test).
     o, sT, grads = _loss_and_grads(
-        lambda *a, **k: chunk_kda(*a, backend="interpret", chunk_size=C, **k), x, s0, seg, w, ws)
+        lambda *a, **k: chunk_kda_gpu(*a, interpret=True, chunk_size=C, **tiles, **k),
+        x, s0, seg, w, ws)
     o_r, sT_r, grads_r = _loss_and_grads(recurrent_kda_reference, x, s0, seg, w, ws)
     assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(sT)).all()
     assert rms_rel(o, o_r) <= 1e-5
