@@ -88,30 +88,42 @@ def _shorthand(cfg: dict) -> list[dict]:
     return [{"kind": src, "path": path}]
 
 
-def _source_specs(cfg: dict) -> list[dict]:
+def _source_specs(cfg: dict) -> tuple[list[dict], list[str]]:
+    """(source specs, their names for error messages). `sources` is a list, or a mapping
+    name -> spec (taken in sorted name order), which ml_collections can freeze and
+    override from the command line (`--config.data.sources.chat.weight=2`)."""
     if not cfg.get("sources") and cfg.get("source"):
-        return _shorthand(cfg)
-    specs = [_as_dict(s) for s in (cfg.get("sources") or [])]
+        specs = _shorthand(cfg)
+        return specs, [f"data.source[{i}]" for i in range(len(specs))]
+    raw = cfg.get("sources") or []
+    if isinstance(raw, Mapping) or hasattr(raw, "items"):
+        items = sorted(raw.items())
+        specs = [_as_dict(v) for _, v in items]
+        names = [f"data.sources.{k}" for k, _ in items]
+    else:
+        specs = [_as_dict(v) for v in raw]
+        names = [f"data.sources[{i}]" for i in range(len(specs))]
     if not specs:
         raise ValueError("data.sources is empty: list at least one source, e.g. "
                          "[{'kind': 'jsonl', 'path': 'train.jsonl'}]")
-    for i, s in enumerate(specs):
+    for name, s in zip(names, specs, strict=True):
         w = s.get("weight", 1.0)
         if not isinstance(w, (int, float)) or not w > 0:
-            raise ValueError(f"data.sources[{i}].weight={w!r}: mixture weights must be > 0 "
+            raise ValueError(f"{name}.weight={w!r}: mixture weights must be > 0 "
                              "(remove the source to leave it out)")
         m = s.get("loss_mask")
         if m is not None and m not in chat.LOSS_MASKS:
-            raise ValueError(f"data.sources[{i}].loss_mask={m!r}: choose from {chat.LOSS_MASKS}")
-    return specs
+            raise ValueError(f"{name}.loss_mask={m!r}: choose from {chat.LOSS_MASKS}")
+    return specs, names
 
 
 class RecordEncoder:
     """Records -> (ids, mask) documents, per their source's settings."""
 
-    def __init__(self, tokenizer, specs: list[dict], settings: dict):
+    def __init__(self, tokenizer, specs: list[dict], names: list[str], settings: dict):
         self.tokenizer = tokenizer
         self.specs = specs
+        self.names = names
         self.settings = settings
         # Small data sets (the micro-world) repeat every epoch: rendering chats through
         # Jinja dominates the cost, so documents are kept by (source, record index).
@@ -127,10 +139,10 @@ class RecordEncoder:
                             {"role": "assistant", "content": record["completion"]}]
         if tf in record:
             if not isinstance(record[tf], str):
-                raise ValueError(f"data.sources[{k}] field {tf!r} must be a string, got "
+                raise ValueError(f"{self.names[k]} field {tf!r} must be a string, got "
                                  f"{type(record[tf]).__name__}")
             return "text", record[tf]
-        raise ValueError(f"data.sources[{k}] ({spec.get('kind')}): record has fields "
+        raise ValueError(f"{self.names[k]} ({spec.get('kind')}): record has fields "
                          f"{sorted(record)}, none of {mf!r}, {tf!r} or 'prompt'+'completion'; "
                          "set the source's 'text_field' or 'messages_field'")
 
@@ -198,11 +210,11 @@ def _epoch_shuffle(grain):
 
 
 def build_stream(cfg, seed: int = 0, shard: tuple[int, int] = (0, 1)):
-    """The infinite grain MapDataset of (source number, record index, record), mixed by
-    weight."""
+    """(the infinite grain MapDataset of (source number, record index, record) mixed by
+    weight, (source specs, source names), settings)."""
     grain = _grain()
     cfg = _as_dict(cfg)
-    specs = _source_specs(cfg)
+    specs, names = _source_specs(cfg)
     settings = _settings(cfg)
     index, count = shard
     if not 0 <= index < count:
@@ -211,7 +223,7 @@ def build_stream(cfg, seed: int = 0, shard: tuple[int, int] = (0, 1)):
     for k, spec in enumerate(specs):
         src = sources.open_source(spec)
         if len(src) < count:
-            raise ValueError(f"data.sources[{k}] has {len(src)} records, fewer than the "
+            raise ValueError(f"{names[k]} has {len(src)} records, fewer than the "
                              f"{count} hosts sharing it")
         n = len(src)
         # Indices past the end (later epochs) wrap around in grain's source; keep i < n.
@@ -222,9 +234,9 @@ def build_stream(cfg, seed: int = 0, shard: tuple[int, int] = (0, 1)):
         ds = ds.repeat().map(lambda ir, k=k: (k, *ir))
         streams.append(ds)
     if len(streams) == 1:
-        return streams[0], specs, settings
+        return streams[0], (specs, names), settings
     weights = [float(s.get("weight", 1.0)) for s in specs]
-    return grain.MapDataset.mix(streams, weights), specs, settings
+    return grain.MapDataset.mix(streams, weights), (specs, names), settings
 
 
 class BatchIterator:
@@ -354,9 +366,9 @@ def make_batches(cfg, tokenizer, seq_len: int, batch_size: int, seed: int = 0,
         import jax
 
         shard = (jax.process_index(), jax.process_count())
-    stream, specs, settings = build_stream(cfg, seed, shard)
+    stream, (specs, names), settings = build_stream(cfg, seed, shard)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return BatchIterator(stream, RecordEncoder(tokenizer, specs, settings), seq_len,
+    return BatchIterator(stream, RecordEncoder(tokenizer, specs, names, settings), seq_len,
                          batch_size, settings["overlong"], pad_id,
                          _fingerprint(cfg, tokenizer, seq_len, batch_size, seed, shard),
                          prefetch)

@@ -77,8 +77,11 @@ def test_mixture_follows_the_weights_and_rejects_bad_ones(tmp_path):
     assert abs(tags.count(0) / 4000 - 0.75) < 0.01
     for w in (0, -1.0):
         bad = {"sources": [dict(cfg["sources"][0], weight=w), cfg["sources"][1]]}
-        with pytest.raises(ValueError, match=r"weight=.*must be > 0"):
+        with pytest.raises(ValueError, match=r"data.sources\[0\].weight=.*must be > 0"):
             pipeline.build_stream(bad)
+        named = {"sources": {"a": bad["sources"][0], "b": bad["sources"][1]}}
+        with pytest.raises(ValueError, match=r"data.sources.a.weight=.*must be > 0"):
+            pipeline.build_stream(named)
     with pytest.raises(ValueError, match="data.sources is empty"):
         pipeline.build_stream({"sources": []})
 
@@ -176,3 +179,18 @@ def test_documents_are_tokenised_once_across_epochs(micro_tokenizer, monkeypatch
     n = len(microworld.World().instruct())
     assert it.stats["records_read"] > 2 * n  # more than two epochs...
     assert len(encoded) == n  # ...each chat rendered and tokenised once
+
+
+def test_named_sources_in_a_frozen_config(micro_tokenizer):
+    """A mapping of named sources survives ml_collections (lists of dicts cannot be
+    frozen) and equals the list in sorted name order."""
+    ml_collections = pytest.importorskip("ml_collections")
+    corpus = {"kind": "microworld", "task": "corpus", "weight": 2.0}
+    chats = {"kind": "microworld", "task": "instruct", "weight": 1.0}
+    frozen = ml_collections.FrozenConfigDict({"data": {"sources": {"b_chat": chats,
+                                                                   "a_text": corpus}}})
+    a = pipeline.make_batches(frozen.data, micro_tokenizer, 64, 2, shard=(0, 1), prefetch=0)
+    b = pipeline.make_batches({"sources": [corpus, chats]}, micro_tokenizer, 64, 2,
+                              shard=(0, 1), prefetch=0)
+    for _ in range(3):
+        assert _equal(next(a), next(b))
