@@ -274,6 +274,7 @@ class Trainer:
                 it = self.data_fn(c)
                 k0 = 0
                 nonfinite_streak = 0
+                window = [0.0, 0]  # sum and count of finite losses since the last log line
                 if latest is not None and idx == start_idx and start_step > 0:
                     params, opt_state, _ = ckpt.restore(latest, params, opt_state)
                     trainable = {p: params[p] for p in train_paths}
@@ -282,7 +283,7 @@ class Trainer:
                     if len(states) != jax.process_count():
                         raise ConfigError(f"checkpoint {latest} was written by {len(states)} processes, this run has {jax.process_count()}; resume with the same host count")
                     it.set_state(decode_data_state(states[jax.process_index()]))
-                    k0, nonfinite_streak = start_step, meta["nonfinite_streak"]
+                    k0, nonfinite_streak, window = start_step, meta["nonfinite_streak"], list(meta["loss_window"])
                 step_fns = {}  # graphdef -> jitted step (one per static configuration of the student)
                 first_loss = last_loss = None
                 pbar = _progress(cfg.train.progress and jax.process_index() == 0, stage, k0)
@@ -310,14 +311,19 @@ class Trainer:
                     nonfinite_total += 0 if finite else 1
                     loss = float(m["loss"])
                     if finite:
-                        first_loss = loss if first_loss is None else first_loss
-                        last_loss = loss
+                        window = [window[0] + loss, window[1] + 1]
                     if pbar is not None:
                         pbar.update(1)
                     if k % cfg.train.log_every == 0 or k == stage.steps or not finite:
                         dt = time.perf_counter() - t0
                         tps = tokens / dt if dt > 0 else 0.0
-                        writer.write(global_step, {**m, "tokens_per_s": tps, "nonfinite_total": nonfinite_total}, stage=stage.name, stage_step=k)
+                        extra = {"tokens_per_s": tps, "nonfinite_total": nonfinite_total}
+                        if window[1]:
+                            extra["loss_mean"] = window[0] / window[1]  # over the steps since the last line
+                            first_loss = extra["loss_mean"] if first_loss is None else first_loss
+                            last_loss = extra["loss_mean"]
+                        window = [0.0, 0]
+                        writer.write(global_step, {**m, **extra}, stage=stage.name, stage_step=k)
                         if pbar is not None:
                             pbar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tps:,.0f}")
                         t0, tokens = time.perf_counter(), 0
@@ -345,6 +351,7 @@ class Trainer:
                                 data_state=_all_process_states(encode_data_state(it.get_state())),
                                 nonfinite_total=nonfinite_total,
                                 nonfinite_streak=nonfinite_streak,
+                                loss_window=window,
                             ),
                         )
                 if pbar is not None:

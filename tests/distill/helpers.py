@@ -149,6 +149,7 @@ def main(argv):
     teacher = tiny_teacher(layers=2)
     student = tiny_student(teacher)
     cfg = run_config(steps=(3, 5))
+    cfg.train.log_every = 3  # log lines average over steps that straddle the checkpoints
     cfg.train.async_checkpoints = "sync" not in argv[4:]
     trainer = Trainer(cfg, student, teacher=teacher, workdir=workdir, data_fn=data_fn)
     trainer.run()
