@@ -278,13 +278,13 @@ def resolved_stage(config, name: str) -> ml_collections.ConfigDict:
     out.data = {**config.data.to_dict(), **{k: v for k, v in s.data.items() if v}}
     if s.type == "instruct_kd" and not s.data.loss_mask:
         out.data["loss_mask"] = "completion"
-    out.steps = stage_steps(s, out.batch_size, out.seq_len)
+    out.steps = stage_steps(s, out.batch_size, out.seq_len, name=name)
     return out
 
 
-def stage_steps(stage, batch_size: int, seq_len: int) -> int:
+def stage_steps(stage, batch_size: int, seq_len: int, *, name: str = "") -> int:
     if (stage.steps > 0) == (stage.tokens > 0):
-        raise ConfigError(f"stage: give exactly one of steps ({stage.steps}) or tokens ({stage.tokens}) > 0")
+        raise ConfigError(f"config: stages.{name or '?'}: give exactly one of steps ({stage.steps}) or tokens ({stage.tokens}) > 0")
     if stage.steps > 0:
         return int(stage.steps)
     return max(1, math.ceil(stage.tokens / (batch_size * seq_len)))

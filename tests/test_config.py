@@ -84,7 +84,7 @@ def test_stage_order_and_budget_errors(tmp_path):
         C.validate_config(c)
     c = _cfg(tmp_path)
     c.stages.kd.tokens = 1000
-    with pytest.raises(C.ConfigError, match="exactly one of steps"):
+    with pytest.raises(C.ConfigError, match="stages.kd: give exactly one of steps"):
         C.validate_config(c)
     c.stages.kd.steps = 0
     c.train.batch_size, c.train.seq_len = 2, 64
