@@ -1,0 +1,111 @@
+"""Cache size, time to first token and decode throughput: teacher vs Hybrid-KDA vs AllMem, one device.
+
+    python scripts/bench_efficiency.py --out=DIR                       # Qwen3-0.6B config, random bf16
+    python scripts/bench_efficiency.py --tiny --contexts=256,1024      # a CPU smoke run of the same code
+
+The three models are built from the real Qwen3-0.6B config (random weights; speed does not
+depend on them): the teacher, the Hybrid-KDA student (attention kept at {0,2,6,11,13,18,21},
+KDA elsewhere) and the AllMem student (every layer SWA + TTT memory). For each context length:
+decode-cache bytes per sequence (analytic, and the allocator's growth where the device reports
+it), time to first token at batch 1, and greedy decode tokens/s at batch `--decode_batch`.
+Writes DIR/efficiency.json and DIR/efficiency.png and prints a markdown table with the
+teacher/student ratios. A configuration that runs out of memory is recorded as OOM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+QWEN3_0P6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
+                  max_position_embeddings=131072, tie_word_embeddings=True, rms_norm_eps=1e-6)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def build_models(shape: dict, dtype: str, window: int, chunk: int):
+    from flax import nnx
+
+    import hybrid_jax as hj
+    from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
+
+    teacher = Qwen3(Qwen3Config(**shape, dtype=dtype, param_dtype=dtype), rngs=nnx.Rngs(0))
+    layers = shape["num_hidden_layers"]
+    kept = [i for i in (0, 2, 6, 11, 13, 18, 21) if i < layers] or [0]
+    spec = f"attention:{','.join(map(str, kept))};kda:{','.join(str(i) for i in range(layers) if i not in kept)}"
+    kda = hj.build_student(teacher, spec)
+    allmem = hj.build_student(teacher, f"allmem:0-{layers - 1}",
+                              mixer_config={"allmem": dict(window=window, chunk_size=chunk)})
+    return {"teacher": teacher, "hybrid-kda": kda, "allmem": allmem}
+
+
+def measure(models: dict, contexts: list[int], decode_batch: int, steps: int) -> list[dict]:
+    from hybrid_jax.eval import efficiency
+
+    rows = []
+    for ctx in contexts:
+        for name, model in models.items():
+            row = dict(model=name, context=ctx, cache_bytes=efficiency.cache_bytes_analytic(model, ctx))
+            try:
+                row["cache_bytes_measured"] = efficiency.cache_bytes_measured(model, ctx)
+                row["ttft_s"] = efficiency.time_to_first_token(model, ctx)
+                row["decode_tok_s"] = efficiency.decode_tokens_per_second(model, ctx, batch_size=decode_batch,
+                                                                          steps=steps)
+            except Exception as e:  # noqa: BLE001 - an out-of-memory size is a result, recorded as such
+                if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                    raise
+                row["error"] = "OOM"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| context | model | cache / sequence | vs teacher | TTFT (ms) | teacher / model TTFT | decode tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    teacher = {r["context"]: r for r in rows if r["model"] == "teacher"}
+    for r in rows:
+        t = teacher[r["context"]]
+        ttft = f"{1e3 * r['ttft_s']:.1f}" if "ttft_s" in r else r.get("error", "")
+        speed = f"{t['ttft_s'] / r['ttft_s']:.2f}x" if "ttft_s" in r and "ttft_s" in t else ""
+        dec = f"{r['decode_tok_s']:,.0f}" if "decode_tok_s" in r else ""
+        lines.append(f"| {r['context']} | {r['model']} | {r['cache_bytes'] / 2**20:,.1f} MiB | "
+                     f"{100 * r['cache_bytes'] / t['cache_bytes']:.1f}% | {ttft} | {speed} | {dec} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench_efficiency")
+    ap.add_argument("--contexts", default="4096,16384,32768,65536,131072")
+    ap.add_argument("--decode_batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--window", type=int, default=4096, help="AllMem sliding window")
+    ap.add_argument("--chunk", type=int, default=512, help="AllMem memory chunk")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
+    args = ap.parse_args()
+    import jax
+
+    os.makedirs(args.out, exist_ok=True)
+    dtype = "float32" if args.tiny else "bfloat16"
+    models = build_models(TINY if args.tiny else QWEN3_0P6B, dtype, args.window, args.chunk)
+    rows = measure(models, [int(c) for c in args.contexts.split(",")], args.decode_batch, args.steps)
+    from hybrid_jax.eval.efficiency import efficiency_plot
+
+    ok = [r for r in rows if "ttft_s" in r]
+    if ok:
+        efficiency_plot(ok, os.path.join(args.out, "efficiency.png"))
+    device = jax.devices()[0].device_kind
+    with open(os.path.join(args.out, "efficiency.json"), "w") as f:
+        json.dump({"device": device, "jax": jax.__version__, "rows": rows}, f, indent=2)
+    print(f"device: {device}, jax {jax.__version__}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
