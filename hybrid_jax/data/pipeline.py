@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import queue
 import threading
 from collections.abc import Mapping
@@ -30,8 +29,6 @@ from collections.abc import Mapping
 import numpy as np
 
 from hybrid_jax.data import chat, packing, sources
-
-log = logging.getLogger(__name__)
 
 DEFAULTS = {
     "loss_mask": "completion",  # chats: "completion" (assistant turns) or "all"

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 KINDS = ("jsonl", "parquet", "array_record", "tfds", "hf_disk", "microworld")
 
