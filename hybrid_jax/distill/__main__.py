@@ -53,7 +53,10 @@ def load_student(config, teacher, print_fn=print):
         return hj.load_pretrained(config.student.path, dtype=config.train.param_dtype)
     spec = config.student.preset or config.student.layer_spec
     print_fn(f"student: {spec} built from the teacher")
-    return hj.build_student(teacher, spec, mixer_config=config.student.mixers.to_dict())
+    # Trained weights stay float32 master copies; compute runs in train.compute_dtype.
+    return hj.build_student(teacher, spec, mixer_config=config.student.mixers.to_dict(),
+                            dtype=config.train.compute_dtype, param_dtype=config.train.param_dtype,
+                            remat=config.train.remat)
 
 
 def save_run_files(workdir: str, student, tokenizer) -> None:

@@ -1,0 +1,127 @@
+"""One distillation step (teacher forward + student forward and backward + AdamW) through the real trainer.
+
+    python scripts/bench_distill_step.py --out=DIR                  # Qwen3-0.6B teacher -> Hybrid-KDA, seq 4096
+    python scripts/bench_distill_step.py --tiny --seq_len=128       # CPU smoke run of the same code
+
+The teacher is built from the Qwen3-0.6B config (random weights; speed does not depend on
+them) and the student is its Hybrid-KDA conversion (attention kept at {0,2,6,11,13,18,21}).
+A `logit_kd` stage (forward KL) runs `--steps` steps of `hybrid_jax.distill.trainer.Trainer` on
+random tokens; tokens/s comes from the trainer's own metrics after the first logging interval
+(which holds the compilation). MFU counts matmul FLOPs: 6 per student parameter-token (forward
++ backward), 2 per teacher parameter-token, causal attention 4·h·hd·T/2 per token per layer
+(x3 for the student), and the chunked KDA recurrence (per head and token, forward:
+2·(2·C·K + 2·C·V + 4·K·V), x3 with backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_efficiency import QWEN3_0P6B, TINY  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+class RandomTokens:
+    """An endless iterator of random-token batches with the data-iterator interface."""
+
+    def __init__(self, batch: int, seq_len: int, vocab: int, seed: int = 0):
+        import numpy as np
+
+        self.rng, self.shape, self.vocab, self.n = np.random.default_rng(seed), (batch, seq_len), vocab, 0
+
+    def __next__(self):
+        import numpy as np
+
+        self.n += 1
+        ids = self.rng.integers(0, self.vocab, self.shape, dtype=np.int32)
+        ones = np.ones(self.shape, np.int32)
+        return dict(input_ids=ids, segment_ids=ones, positions=np.broadcast_to(np.arange(self.shape[1], dtype=np.int32),
+                                                                               self.shape).copy(), loss_mask=ones)
+
+    def get_state(self):
+        return {"n": self.n}
+
+    def set_state(self, state):
+        self.n = state["n"]
+
+
+def step_flops_per_token(student, teacher, seq_len: int, chunk: int) -> float:
+    import jax
+    from flax import nnx
+
+    from hybrid_jax.models.hybrid import layer_kinds
+
+    def matmul_params(model):
+        return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2)
+
+    c = teacher.config
+    h, hd = c.num_attention_heads, c.head_dim
+    attn = 4 * h * hd * seq_len / 2  # QK^T and PV, causal
+    kda = h * 2 * (2 * chunk * hd + 2 * chunk * hd + 4 * hd * hd)
+    kinds = layer_kinds(student)
+    student_mixing = sum(attn if k == "attention" else kda for k in kinds)
+    # The tied embedding table doubles as lm_head: count it once as a matmul.
+    return 6 * matmul_params(student) + 3 * student_mixing + 2 * matmul_params(teacher) + c.num_hidden_layers * attn
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench_distill_step")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq_len", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--log_every", type=int, default=3)
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args()
+    import jax
+    from flax import nnx
+
+    import hybrid_jax as hj
+    from hybrid_jax.config import default_config, stage_config
+    from hybrid_jax.distill.trainer import Trainer
+    from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
+
+    shape = TINY if args.tiny else QWEN3_0P6B
+    compute = "float32" if args.tiny else "bfloat16"
+    teacher = Qwen3(Qwen3Config(**shape, dtype=compute, param_dtype=compute), rngs=nnx.Rngs(0))
+    layers = shape["num_hidden_layers"]
+    kept = [i for i in (0, 2, 6, 11, 13, 18, 21) if i < layers]
+    spec = f"attention:{','.join(map(str, kept))};kda:{','.join(str(i) for i in range(layers) if i not in kept)}"
+    # Trained weights are float32 master copies; the student computes in the teacher's dtype.
+    student = hj.build_student(teacher, spec, dtype=compute, param_dtype="float32", remat=args.remat)
+    config = default_config()
+    config.train.batch_size, config.train.seq_len = args.batch, args.seq_len
+    config.train.compute_dtype, config.train.remat = compute, args.remat
+    config.train.log_every, config.train.checkpoint_every = args.log_every, 10 ** 9
+    config.train.progress, config.train.tensorboard = False, False
+    config.stages.kd = stage_config(type="logit_kd", steps=args.steps, lr=1e-5)
+    config.stage_order = "kd"
+    workdir = tempfile.mkdtemp(prefix="bench_distill_")
+    Trainer(config, student, teacher=teacher, workdir=workdir,
+            data_fn=lambda stage: RandomTokens(args.batch, args.seq_len, shape["vocab_size"])).run()
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    tps = statistics.median(r["tokens_per_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["tokens_per_s"]
+    flops = step_flops_per_token(student, teacher, args.seq_len, 64) * tps
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
+    stats = jax.devices()[0].memory_stats() or {}
+    result = dict(device=kind, jax=jax.__version__, batch=args.batch, seq_len=args.seq_len, remat=args.remat,
+                  tokens_per_s=tps, achieved_tflops=flops / 1e12, mfu=(flops / peak) if peak else None,
+                  peak_memory_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None, layer_spec=spec)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "distill_step.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
