@@ -18,16 +18,20 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from hybrid_jax.convert.hf_import import hf_key_map
+from hybrid_jax.convert.hf_import import EXPORT_FORMATS, hf_key_map
 
 MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' default "5GB"
 
 
-def _hf_config(model) -> dict:
+def _hf_config(model) -> tuple[dict, dict[str, bytes]]:
+    """(config.json dict, extra files) from the first registered export format that applies, else Qwen3's."""
+    for fmt in EXPORT_FORMATS:
+        if fmt.applies(model):
+            return fmt.config(model), fmt.files()
     to_hf = getattr(model.config, "to_hf", None)
     if to_hf is None:
         raise TypeError(f"save_pretrained: {type(model.config).__name__} has no to_hf(); cannot write config.json")
-    return to_hf()
+    return to_hf(), {}
 
 
 def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
@@ -53,12 +57,15 @@ def save_pretrained(model, out_dir, tokenizer=None, *, dtype: str | None = None,
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    config = _hf_config(model)
+    config, extra_files = _hf_config(model)
     dtype = dtype or model.config.param_dtype
     config["torch_dtype"] = dtype
-    np_dtype = jnp.dtype(dtype)
     table = hf_key_map(model)
-    sizes = {k: math.prod(var.shape) * np_dtype.itemsize for k, (var, _) in table.items()}
+    # Tensors stored in the model's param_dtype are written in `dtype`; parameters a layer always keeps
+    # in float32 (KDA's A_log / dt_bias, the TTT memory's fast weights and biases) stay float32.
+    model_pdt = jnp.dtype(model.config.param_dtype)
+    out_dtype = {k: jnp.dtype(dtype) if var.dtype == model_pdt else jnp.dtype(var.dtype) for k, (var, _) in table.items()}
+    sizes = {k: math.prod(var.shape) * out_dtype[k].itemsize for k, (var, _) in table.items()}
     shards = plan_shards(sizes, max_shard_size)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +76,7 @@ def save_pretrained(model, out_dir, tokenizer=None, *, dtype: str | None = None,
         weight_map = {}
         for name, keys in zip(names, shards, strict=True):
             # Only one shard's tensors are converted and held at a time.
-            tensors = {k: np.ascontiguousarray(table[k][1].to_hf(np.asarray(table[k][0][...]).astype(np_dtype)))
+            tensors = {k: np.ascontiguousarray(table[k][1].to_hf(np.asarray(table[k][0][...]).astype(out_dtype[k])))
                        for k in keys}
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(keys, name))
@@ -78,6 +85,8 @@ def save_pretrained(model, out_dir, tokenizer=None, *, dtype: str | None = None,
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name, data in extra_files.items():
+            (tmp / name).write_bytes(data)
         gen = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.generation_config).items()}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:

@@ -140,6 +140,23 @@ def register_model_type(model_type: str, spec: ModelType) -> None:
     MODEL_TYPES[model_type] = spec
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportFormat:
+    """How `save_pretrained` writes a model that `applies(model)` (default: Qwen3's `config.to_hf()`)."""
+
+    applies: Callable[[nnx.Module], bool]
+    config: Callable[[nnx.Module], dict]  # the config.json dict
+    files: Callable[[], dict[str, bytes]] = dict  # extra files (e.g. remote-code modeling files)
+
+
+EXPORT_FORMATS: list[ExportFormat] = []
+
+
+def register_export_format(fmt: ExportFormat) -> None:
+    """Formats are tried in registration order; the first that applies writes the directory."""
+    EXPORT_FORMATS.append(fmt)
+
+
 register_model_type("qwen3", ModelType(
     config_from_hf=Qwen3Config.from_hf,
     build=lambda config, **kw: DecoderLM(config, **kw),
@@ -300,3 +317,8 @@ def _gen_config(config, gen: Mapping | None) -> dict:
             continue
         out[k] = tuple(v) if isinstance(v, list) else v
     return out
+
+
+# Student formats (model_type "hybrid_qwen3"): registers their mixer keys, model type and export format.
+# Imported last because it builds on the registries above.
+import hybrid_jax.convert.hybrid_hf  # noqa: E402,F401
