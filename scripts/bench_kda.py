@@ -174,15 +174,15 @@ def breakdown(shape, iters, variants):
                       bv=kw.get("bv", 64), bk=kw.get("bk", 32),
                       warps_intra=kw.get("wi", 4), warps_state=kw.get("ws", 4),
                       stages=kw.get("st", 1), mm=kw.get("mm", "tf32"))
-        intra = jax.jit(lambda *a: cg._intra_fwd(*a, cfg))
+        intra = jax.jit(lambda *a, cfg=cfg: cg._intra_fwd(*a, cfg))
         w, u, p = intra(q, k, v, G, beta, m, m)
-        state = jax.jit(lambda *a: cg._state_fwd(*a, cfg, bf))
+        state = jax.jit(lambda *a, cfg=cfg: cg._state_fwd(*a, cfg, bf))
         o, h, sT = state(q, k, G, m, m, w, u, p, s0)
-        sbwd = jax.jit(lambda *a: cg._state_bwd(*a, cfg))
+        sbwd = jax.jit(lambda *a, cfg=cfg: cg._state_bwd(*a, cfg))
         outs = sbwd(q, k, G, m, m, w, u, p, h, dov, s0)
         du, dw, dp, dqg, dkd, dgl, _ = outs
         dw, dp, dqg, dkd, dgl = (x.sum(0) for x in (dw, dp, dqg, dkd, dgl))
-        ibwd = jax.jit(lambda *a: cg._intra_bwd(*a, cfg))
+        ibwd = jax.jit(lambda *a, cfg=cfg: cg._intra_bwd(*a, cfg))
         row = dict(variant=kw, shape=shape)
         for name, fn, args in (
                 ("intra_fwd", intra, (q, k, v, G, beta, m, m)),

@@ -66,6 +66,10 @@ def chunk_kda(
         return chunk_kda_reference(q, k, v, g, beta, **kwargs)
     if backend == "pallas_tpu":
         return _tpu_kernel()(q, k, v, g, beta, **kwargs)
+    if backend == "pallas_gpu" and jax.default_backend() not in ("gpu", "cuda"):
+        raise ValueError(f"chunk_kda: backend='pallas_gpu' needs a GPU, but JAX runs on "
+                         f"{jax.default_backend()!r}; use backend='interpret' (same kernels, "
+                         f"Pallas interpreter) or 'reference'.")
     from pallas_kernels.kda.chunk_gpu import chunk_kda_gpu
     return chunk_kda_gpu(q, k, v, g, beta, interpret=(backend == "interpret"), **kwargs)
 

@@ -96,8 +96,8 @@ def _vec(ref, i):
 class _Chunk:
     """Loads of one chunk's blocks inside an intra kernel (refs are [C, ...])."""
 
-    def __init__(self, q_ref, k_ref, g_ref, b_ref, run_ref, fs_ref, K, seg, bk):
-        self.q, self.k, self.g, self.b = q_ref, k_ref, g_ref, b_ref
+    def __init__(self, q_ref, k_ref, g_ref, run_ref, fs_ref, K, seg, bk):
+        self.q, self.k, self.g = q_ref, k_ref, g_ref
         self.run, self.fs = run_ref, fs_ref
         self.K, self.seg, self.bk = K, seg, bk
 
@@ -113,12 +113,9 @@ class _Chunk:
             G = jnp.where(_vec(self.fs, i)[:, None] > 0, G, -jnp.inf)
         return jnp.exp(G)
 
-    def ref_row(self, j):
-        return _f32(self.g[pl.ds(j * BC + BC - 1, 1), :])  # [1, K]
-
     def off_factors(self, i, j):
         """(exp(G_i - r), exp(r - G_j)) for i > j, r = last row of block j; both <= 1."""
-        r = self.ref_row(j)
+        r = _f32(self.g[pl.ds(j * BC + BC - 1, 1), :])  # [1, K]
         return jnp.exp(_blk(self.g, i) - r), jnp.exp(r - _blk(self.g, j))
 
     def diag_E(self, i, cols):
@@ -135,7 +132,7 @@ def _ktiles(K, bk, body, init):
     return lax.fori_loop(0, K // bk, step, init)
 
 
-def _pairwise(ch, nb, mm_dtype, want_p):
+def _pairwise(ch, nb, mm, want_p):
     """A (strictly lower) and P (lower) as dicts of 16x16 blocks {(i, j): block}, i >= j."""
     def diag_tile(cols, acc):
         out = []
@@ -158,9 +155,9 @@ def _pairwise(ch, nb, mm_dtype, want_p):
         for j in range(i):
             fi, fj = ch.off_factors(i, j)
             kj = _blk(ch.k, j) * fj
-            A[i, j] = _mm_nt(_blk(ch.k, i) * fi, kj, mm_dtype)
+            A[i, j] = _mm_nt(_blk(ch.k, i) * fi, kj, mm)
             if want_p:
-                P[i, j] = _mm_nt(_blk(ch.q, i) * fi, kj, mm_dtype)
+                P[i, j] = _mm_nt(_blk(ch.q, i) * fi, kj, mm)
         if ch.seg:
             for j in range(i + 1):
                 same = ch.same(i, j)
@@ -171,7 +168,7 @@ def _pairwise(ch, nb, mm_dtype, want_p):
 
 
 def _inverse(A, betas, nb):
-    """Blocks of M = (I + diag(b) A)^-1 (block lower triangular), fp32, matrix products."""
+    """Blocks of M = (I + L)^-1, L = diag(b) A (block lower triangular): fp32 products."""
     eye = jnp.where(lax.broadcasted_iota(jnp.int32, (BC, BC), 0)
                     == lax.broadcasted_iota(jnp.int32, (BC, BC), 1), 1.0, 0.0)
     L = {(i, j): betas[i][:, None] * A[i, j] for i in range(nb) for j in range(i + 1)}
@@ -188,25 +185,25 @@ def _inverse(A, betas, nb):
             for m_ in range(j + 1, i):
                 s = s + _mm(L[i, m_], M[m_, j])
             M[i, j] = -_mm(M[i, i], s)
-    return L, M
+    return M
 
 
 # ----------------------------------------------------------------------------- kernels
 def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref,
-                      w_ref, u_ref, p_ref, *, C, K, seg, bk, mm_dtype):
+                      w_ref, u_ref, p_ref, *, C, K, seg, bk, mm):
     nb = C // BC
-    ch = _Chunk(q_ref, k_ref, g_ref, b_ref, run_ref, fs_ref, K, seg, bk)
-    A, P = _pairwise(ch, nb, mm_dtype, want_p=True)
+    ch = _Chunk(q_ref, k_ref, g_ref, run_ref, fs_ref, K, seg, bk)
+    A, P = _pairwise(ch, nb, mm, want_p=True)
     betas = [_vec(b_ref, i) for i in range(nb)]
-    _, M = _inverse(A, betas, nb)
+    M = _inverse(A, betas, nb)
     kg = [_blk(k_ref, j) * ch.gam(j) for j in range(nb)]
     for i in range(nb):
         w = jnp.zeros((BC, K), jnp.float32)
         u = jnp.zeros((BC, v_ref.shape[-1]), jnp.float32)
         for j in range(i + 1):
             t = M[i, j] * betas[j][None, :]
-            w = w + _mm(t, kg[j], mm_dtype)
-            u = u + _mm(t, _blk(v_ref, j), mm_dtype)
+            w = w + _mm(t, kg[j], mm)
+            u = u + _mm(t, _blk(v_ref, j), mm)
         w_ref[pl.ds(i * BC, BC), :] = w.astype(w_ref.dtype)
         u_ref[pl.ds(i * BC, BC), :] = u.astype(u_ref.dtype)
         for j in range(nb):
@@ -233,52 +230,52 @@ def _chunk_terms(q_ref, k_ref, g_ref, fs_ref, ls_ref, t0, C, seg):
 
 
 def _state_fwd_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, w_ref, u_ref, p_ref, s0_ref,
-                      o_ref, h_ref, sT_ref, *, C, NT, seg, mm_dtype):
+                      o_ref, h_ref, sT_ref, *, C, NT, seg, mm):
     def body(n, s):
         t0 = pl.multiple_of(n * C, C)
         qg, kd, gl = _chunk_terms(q_ref, k_ref, g_ref, fs_ref, ls_ref, t0, C, seg)
         h_ref[n] = s
-        u = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w_ref[pl.ds(t0, C), :], s, mm_dtype)
-        o = _mm(qg, s, mm_dtype) + _mm(p_ref[pl.ds(t0, C), :], u, mm_dtype)
+        u = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w_ref[pl.ds(t0, C), :], s, mm)
+        o = _mm(qg, s, mm) + _mm(p_ref[pl.ds(t0, C), :], u, mm)
         o_ref[pl.ds(t0, C), :] = o.astype(o_ref.dtype)
-        return jnp.transpose(gl) * s + _mm_tn(kd, u, mm_dtype)
+        return jnp.transpose(gl) * s + _mm_tn(kd, u, mm)
 
     sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
 
 
 def _state_bwd_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, w_ref, u_ref, p_ref, h_ref,
                       do_ref, dsT_ref, du_ref, dw_ref, dp_ref, dqg_ref, dkd_ref, dgl_ref,
-                      ds0_ref, *, C, NT, seg, mm_dtype):
+                      ds0_ref, *, C, NT, seg, mm):
     def body(i, ds):
         n = NT - 1 - i
         t0 = pl.multiple_of(n * C, C)
         qg, kd, gl = _chunk_terms(q_ref, k_ref, g_ref, fs_ref, ls_ref, t0, C, seg)
         s = h_ref[n]
         w = w_ref[pl.ds(t0, C), :]
-        u = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w, s, mm_dtype)
+        u = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w, s, mm)
         do = do_ref[pl.ds(t0, C), :]
-        du = _mm_tn(p_ref[pl.ds(t0, C), :], do, mm_dtype) + _mm(kd, ds, mm_dtype)
+        du = _mm_tn(p_ref[pl.ds(t0, C), :], do, mm) + _mm(kd, ds, mm)
         du_ref[pl.ds(t0, C), :] = du
-        dw_ref[pl.ds(t0, C), :] = -_mm_nt(du, s, mm_dtype)
-        dp_ref[pl.ds(t0, C), :] = _mm_nt(do, u, mm_dtype)
-        dqg_ref[pl.ds(t0, C), :] = _mm_nt(do, s, mm_dtype)
-        dkd_ref[pl.ds(t0, C), :] = _mm_nt(u, ds, mm_dtype)
+        dw_ref[pl.ds(t0, C), :] = -_mm_nt(du, s, mm)
+        dp_ref[pl.ds(t0, C), :] = _mm_nt(do, u, mm)
+        dqg_ref[pl.ds(t0, C), :] = _mm_nt(do, s, mm)
+        dkd_ref[pl.ds(t0, C), :] = _mm_nt(u, ds, mm)
         dgl_ref[pl.ds(n, 1), :] = jnp.transpose(jnp.sum(s * ds, axis=1, keepdims=True))
-        return (_mm_tn(qg, do, mm_dtype) + jnp.transpose(gl) * ds
-                - _mm_tn(w, du, mm_dtype))
+        return (_mm_tn(qg, do, mm) + jnp.transpose(gl) * ds
+                - _mm_tn(w, du, mm))
 
     ds0_ref[...] = lax.fori_loop(0, NT, body, _f32(dsT_ref[...]))
 
 
 def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
                       dw_ref, du_ref, dp_ref, dqg_ref, dkd_ref, dgl_ref,
-                      dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, C, K, seg, bk, mm_dtype):
+                      dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, C, K, seg, bk, mm):
     nb = C // BC
-    ch = _Chunk(q_ref, k_ref, g_ref, b_ref, run_ref, fs_ref, K, seg, bk)
+    ch = _Chunk(q_ref, k_ref, g_ref, run_ref, fs_ref, K, seg, bk)
     # Phase 1 (reductions over K and V): dT, dM, dA, db, dv.
-    A, _ = _pairwise(ch, nb, mm_dtype, want_p=False)
+    A, _ = _pairwise(ch, nb, mm, want_p=False)
     betas = [_vec(b_ref, i) for i in range(nb)]
-    L, M = _inverse(A, betas, nb)
+    M = _inverse(A, betas, nb)
     T = {(i, j): M[i, j] * betas[j][None, :] for i in range(nb) for j in range(i + 1)}
     db = [jnp.zeros((BC,), jnp.float32) for _ in range(nb)]
     dM = {}
@@ -288,8 +285,8 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
         dv = jnp.zeros((BC, dv_ref.shape[-1]), jnp.float32)
         for i in range(j, nb):
             du = _blk(du_ref, i)
-            dv = dv + _mm_tn(T[i, j], du, mm_dtype)
-            dT = _mm_nt(_blk(dw_ref, i), kg, mm_dtype) + _mm_nt(du, v, mm_dtype)
+            dv = dv + _mm_tn(T[i, j], du, mm)
+            dT = _mm_nt(_blk(dw_ref, i), kg, mm) + _mm_nt(du, v, mm)
             db[j] = db[j] + jnp.sum(dT * M[i, j], axis=0)
             dM[i, j] = dT * betas[j][None, :]
         dv_ref[pl.ds(j * BC, BC), :] = dv.astype(dv_ref.dtype)
@@ -330,7 +327,7 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
                 else jnp.exp(G)
             dec = jnp.exp(jnp.where(_vec(ls_ref, i)[:, None] > 0, Gl - G, -jnp.inf)) if seg \
                 else jnp.exp(Gl - G)
-            dkg = sum(_mm_tn(T[a, i], _blk(dw_ref, a, cols), mm_dtype) for a in range(i, nb))
+            dkg = sum(_mm_tn(T[a, i], _blk(dw_ref, a, cols), mm) for a in range(i, nb))
             dqg, dkd = _blk(dqg_ref, i, cols), _blk(dkd_ref, i, cols)
             kd = k * dec
             dq[i] = dqg * gam
@@ -353,9 +350,9 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
                 fj = jnp.exp(r - _blk(g_ref, j, cols))
                 qi, ki = _blk(q_ref, i, cols) * fi, _blk(k_ref, i, cols) * fi
                 kj = _blk(k_ref, j, cols) * fj
-                dqi = _mm(dP[i, j], kj, mm_dtype)
-                dki = _mm(dA[i, j], kj, mm_dtype)
-                dkj = _mm_tn(dP[i, j], qi, mm_dtype) + _mm_tn(dA[i, j], ki, mm_dtype)
+                dqi = _mm(dP[i, j], kj, mm)
+                dki = _mm(dA[i, j], kj, mm)
+                dkj = _mm_tn(dP[i, j], qi, mm) + _mm_tn(dA[i, j], ki, mm)
                 dq[i] = dq[i] + dqi * fi
                 dk[i] = dk[i] + dki * fi
                 dk[j] = dk[j] + dkj * fj
@@ -401,7 +398,7 @@ def _intra_fwd(q, k, v, G, beta, run, fs, cfg):
     cb = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
     cm = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
     kern = functools.partial(_intra_fwd_kernel, C=C, K=K, seg=cfg.seg, bk=cfg.bk,
-                             mm_dtype=cfg.mm)
+                             mm=cfg.mm)
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
         in_specs=[ck, ck, cv, ck, cb, cm, cm], out_specs=[ck, cv, cp],
@@ -432,7 +429,7 @@ def _state_fwd(q, k, G, fs, ls, w, u, p, s0, cfg, out_dtype):
     C, bv = cfg.C, min(cfg.bv, V)
     NT = Tp // C
     sp = _seq_specs(B, Tp, H, K, C, bv)
-    kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm_dtype=cfg.mm)
+    kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm)
     return pl.pallas_call(
         kern, grid=(B, H, V // bv),
         in_specs=[sp["k"], sp["k"], sp["k"], sp["m"], sp["m"], sp["k"], sp["v"], sp["p"],
@@ -451,7 +448,7 @@ def _state_bwd(q, k, G, fs, ls, w, u, p, h, do, dsT, cfg):
     C, bv = cfg.C, min(cfg.bv, V)
     NT, NV = Tp // C, V // bv
     sp = _seq_specs(B, Tp, H, K, C, bv)
-    kern = functools.partial(_state_bwd_kernel, C=C, NT=NT, seg=cfg.seg, mm_dtype=cfg.mm)
+    kern = functools.partial(_state_bwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm)
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, NV),
@@ -480,7 +477,7 @@ def _intra_bwd(q, k, v, G, beta, run, fs, ls, dw, du, dp, dqg, dkd, dgl, cfg):
     cm = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
     cg = pl.BlockSpec((None, 1, None, K), lambda b, h, n: (b, n, h, 0))
     kern = functools.partial(_intra_bwd_kernel, C=C, K=K, seg=cfg.seg, bk=cfg.bk,
-                             mm_dtype=cfg.mm)
+                             mm=cfg.mm)
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),

@@ -45,7 +45,7 @@ def test_bf16_kernel_matches_fp32_oracle(chunk_size, segments):
         (_, (o_r, s_r)), g_r = ref(*(x.astype(jnp.float32) for x in args))
     (_, (o, s)), g_o = ours(*args)
     errs = {"o": _rms_rel(o, o_r), "final_state": _rms_rel(s, s_r)}
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "ds0"), g_o, g_r):
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "ds0"), g_o, g_r, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
         errs[name] = _rms_rel(a, b)
     print(errs)

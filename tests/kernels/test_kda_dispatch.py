@@ -59,6 +59,11 @@ def test_auto_picks_reference_on_cpu():
     assert rms_rel(o_auto, o_ref) == 0.0
 
 
+def test_pallas_gpu_without_gpu_says_so():
+    with pytest.raises(ValueError, match="needs a GPU"):
+        chunk_kda(**_x(), backend="pallas_gpu")
+
+
 def test_pallas_tpu_routes_to_chunk_kda_tpu(monkeypatch):
     import importlib
     try:

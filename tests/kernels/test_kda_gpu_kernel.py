@@ -53,7 +53,7 @@ def test_kernel_forward_and_gradients_match_token_oracle(B, T, H, K, V, C, g_min
     assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(sT)).all()
     assert rms_rel(o, o_r) <= 1e-5
     assert rms_rel(sT, sT_r) <= 1e-5
-    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, grads_r):
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, grads_r, strict=True):
         assert np.isfinite(np.asarray(a)).all(), name
         assert rms_rel(a, b) <= 1e-4, name
 

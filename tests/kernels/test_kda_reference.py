@@ -45,7 +45,7 @@ def test_chunk_gradients_match_token_recurrence():
     gr = jax.grad(lambda *a: loss(recurrent_kda_reference, *a), argnums=range(6))(*args)
     gc = jax.grad(lambda *a: loss(lambda *b, **kw: chunk_kda_reference(*b, chunk_size=16, **kw),
                                   *a), argnums=range(6))(*args)
-    for name, a, b in zip("q k v g beta s0".split(), gc, gr):
+    for name, a, b in zip("q k v g beta s0".split(), gc, gr, strict=True):
         assert np.isfinite(np.asarray(a)).all(), name
         assert rms_rel(a, b) <= 1e-4, name
 
@@ -55,7 +55,7 @@ def test_segments_equal_separate_documents():
     seg = jnp.asarray(np.repeat([0, 1, 2, 3], [7, 40, 1, 48])[None], jnp.int32)
     o, _ = chunk_kda(**x, segment_ids=seg, backend="reference")
     starts = [0, 7, 47, 48, 96]
-    for a, b in zip(starts[:-1], starts[1:]):
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
         part = {n: t[:, a:b] for n, t in x.items()}
         o_alone, _ = recurrent_kda_reference(**part)
         assert rms_rel(o[:, a:b], o_alone) <= 1e-5
