@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, ".")
-from pallas_kernels.swa import swa_attention  # noqa: E402
 from pallas_kernels.swa import gpu as swa_gpu  # noqa: E402
+from pallas_kernels.swa import swa_attention  # noqa: E402
 
 # Dense bf16 tensor-core peak and HBM bandwidth (vendor spec sheets, SXM parts).
 PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}

@@ -17,8 +17,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.swa.common import (LOG2E, MASK_VALUE, key_block_query_range, pad_time,
-                                       padded_starts, round_up)
+from pallas_kernels.swa.common import (
+    LOG2E,
+    MASK_VALUE,
+    key_block_query_range,
+    pad_time,
+    padded_starts,
+    round_up,
+)
 
 F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T

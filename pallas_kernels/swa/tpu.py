@@ -20,8 +20,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.swa.common import (MASK_VALUE, key_block_query_range, pad_time,
-                                       padded_starts, round_up)
+from pallas_kernels.swa.common import (
+    MASK_VALUE,
+    key_block_query_range,
+    pad_time,
+    padded_starts,
+    round_up,
+)
 
 F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))
