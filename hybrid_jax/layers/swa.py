@@ -3,8 +3,8 @@
 Query t sees the last `window` tokens of its document (itself included) plus the document's
 first `sinks` tokens (pallas_kernels/swa/reference.py states the rule). Without a cache the
 layer runs `swa_attention` (Pallas on GPU/TPU). The decode cache is constant in the sequence
-length: a ring buffer of `window` keys/values (slot = token index mod window) plus `sinks`
-slots holding the first tokens of each row's current document, each entry tagged with its
+length: a ring buffer of min(window, max_length) keys/values (slot = token index mod ring size) plus
+`sinks` slots holding the first tokens of each row's current document, each entry tagged with its
 token index and segment id; `doc_start` / `segment_id` per row say where the current
 document began. `window`, `sinks` and `backend` are plain attributes: a trainer may change
 them between steps (each distinct value compiles once).
@@ -79,8 +79,10 @@ class SlidingWindowAttention(Attention):
     # -- cache -------------------------------------------------------------------------------
 
     def init_cache(self, batch_size: int, max_length: int, dtype) -> dict[str, jax.Array]:
-        del max_length  # constant in the sequence length
-        b, w, s, kh, hd = batch_size, self.window, self.sinks, self.num_kv_heads, self.head_dim
+        # A ring of min(window, max_length) slots: with max_length <= window no token ever leaves
+        # the window, so slot = index mod ring stays exact while index < max_length.
+        w, s = min(self.window, max_length), min(self.sinks, max_length)
+        b, kh, hd = batch_size, self.num_kv_heads, self.head_dim
         return {
             "k": jnp.zeros((b, w, kh, hd), dtype), "v": jnp.zeros((b, w, kh, hd), dtype),
             "pos": jnp.full((b, w), -1, jnp.int32), "seg": jnp.zeros((b, w), jnp.int32),
@@ -101,7 +103,7 @@ class SlidingWindowAttention(Attention):
     def _attend_cached(self, q, k, v, segment_ids, cache):
         """New queries over [sink slots, ring buffer, new tokens] with the visibility rule; f32."""
         b, t, h, d = q.shape
-        kh, w, ns = self.num_kv_heads, self.window, self.sinks
+        kh, ring, ns = self.num_kv_heads, cache["k"].shape[1], cache["sink_k"].shape[1]
         start, idx = self._doc_starts(segment_ids, cache)
         keys = jnp.concatenate([cache["sink_k"], cache["k"], k.astype(cache["k"].dtype)], axis=1)
         vals = jnp.concatenate([cache["sink_v"], cache["v"], v.astype(cache["v"].dtype)], axis=1)
@@ -109,15 +111,15 @@ class SlidingWindowAttention(Attention):
         kseg = jnp.concatenate([cache["sink_seg"], cache["seg"], segment_ids.astype(jnp.int32)], axis=1)
         # Where each key lives: a sink slot counts only beyond the window (inside it the same token
         # is in the ring), a ring slot only inside the window; a new token under the full rule.
-        kind = jnp.concatenate([jnp.zeros((ns,), jnp.int32), jnp.ones((w,), jnp.int32),
+        kind = jnp.concatenate([jnp.zeros((ns,), jnp.int32), jnp.ones((ring,), jnp.int32),
                                 jnp.full((t,), 2, jnp.int32)])
 
         def mask_for(qpos, qseg, qstart):  # [B,C] each -> [B,C,S]
             dist = qpos[:, :, None] - kpos[:, None, :]
             kp = kpos[:, None, :]
             same = (kseg[:, None, :] == qseg[:, :, None]) & (kp >= qstart[:, :, None]) & (dist >= 0)
-            in_window = dist < w
-            is_sink = kp < qstart[:, :, None] + ns
+            in_window = dist < self.window
+            is_sink = kp < qstart[:, :, None] + self.sinks
             rule = jnp.where(kind == 0, ~in_window & is_sink, jnp.where(kind == 1, in_window, in_window | is_sink))
             return same & rule
 
@@ -143,10 +145,10 @@ class SlidingWindowAttention(Attention):
 
     def _write(self, cache, k, v, segment_ids):
         b, t = segment_ids.shape
-        w, ns = self.window, self.sinks
+        w, ns = cache["k"].shape[1], cache["sink_k"].shape[1]
         seg = segment_ids.astype(jnp.int32)
         start, idx = self._doc_starts(seg, cache)
-        # Ring: the last min(T, window) new tokens, at slot index mod window (distinct slots).
+        # Ring: the last min(T, ring) new tokens, at slot index mod ring (distinct slots).
         m = min(t, w)
         slots = (idx[t - m:]) % w
         new = dict(cache)
