@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_jax.config import ConfigError, format_layer_spec, parse_layer_spec
-from hybrid_jax.layers.attention import Attention
 from hybrid_jax.layers.allmem import AllMem
+from hybrid_jax.layers.attention import Attention
 from hybrid_jax.layers.kda import KDA
 from hybrid_jax.layers.swa import SlidingWindowAttention
 from hybrid_jax.layers.ttt_memory import TTTMemory
@@ -224,6 +224,18 @@ def _jsonable(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+# Settings a trainer may change after construction (set_allmem_hparams): serialised as they are now.
+_LIVE_KEYS = ("window", "sinks", "chunk_size")
+
+
+def _live_hparams(mixer) -> dict[str, Any]:
+    hp = {k: _jsonable(v) for k, v in getattr(mixer, "hparams", ())}
+    for k in _LIVE_KEYS:
+        if k in hp:
+            hp[k] = getattr(mixer, k)
+    return hp
+
+
 def student_config_dict(model: DecoderLM) -> dict[str, Any]:
     """Everything needed to rebuild the student's structure: base config, layer spec, per-layer hparams."""
     kinds = layer_kinds(model)
@@ -234,7 +246,7 @@ def student_config_dict(model: DecoderLM) -> dict[str, Any]:
         "model_type": STUDENT_MODEL_TYPE,
         "base_config": base,
         "layer_spec": format_layer_spec(kinds),
-        "layers": [{k: _jsonable(v) for k, v in getattr(b.mixer, "hparams", ())} for b in model.blocks],
+        "layers": [_live_hparams(b.mixer) for b in model.blocks],
         "generation_config": {k: _jsonable(v) for k, v in dict(model.generation_config).items()},
     }
 

@@ -10,8 +10,12 @@ from flax import nnx
 
 from hybrid_jax.config import QWEN3_0P6B_KDA_ATTENTION, ConfigError
 from hybrid_jax.models.cache import init_cache
-from hybrid_jax.models.hybrid import (build_student, build_student_from_config, layer_kinds,
-                                      student_config_dict)
+from hybrid_jax.models.hybrid import (
+    build_student,
+    build_student_from_config,
+    layer_kinds,
+    student_config_dict,
+)
 from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config, default_positions
 
 CFG = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -171,7 +175,15 @@ def test_config_round_trip(teacher):
 def test_presets(teacher):
     from hybrid_jax.config import parse_layer_spec
 
-    assert layer_kinds(build_student(teacher, "all_allmem", init_from_teacher=False)) == ("allmem",) * 3
+    import hybrid_jax as hj
+    from hybrid_jax.layers.allmem import set_allmem_hparams
+
+    student = hj.build_student(teacher, "all_allmem", init_from_teacher=False)
+    assert layer_kinds(student) == ("allmem",) * 3
+    # Knobs a trainer changed are what the serialised config records.
+    assert set_allmem_hparams(student, window=7, sinks=3, chunk_size=5) == 3
+    layers = student_config_dict(student)["layers"]
+    assert all((hp["window"], hp["sinks"], hp["chunk_size"]) == (7, 3, 5) for hp in layers)
     # Hybrid-KDA for the 28-layer Qwen3-0.6B keeps attention at {0,2,6,11,13,18,21}; it refuses other depths.
     kinds = parse_layer_spec("qwen3_0p6b_hybrid_kda", 28)
     assert {i for i, k in enumerate(kinds) if k == "attention"} == set(QWEN3_0P6B_KDA_ATTENTION)
