@@ -173,9 +173,8 @@ def test_config_round_trip(teacher):
 
 
 def test_presets(teacher):
-    from hybrid_jax.config import parse_layer_spec
-
     import hybrid_jax as hj
+    from hybrid_jax.config import parse_layer_spec
     from hybrid_jax.layers.allmem import set_allmem_hparams
 
     student = hj.build_student(teacher, "all_allmem", init_from_teacher=False)
