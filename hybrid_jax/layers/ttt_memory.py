@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrid_jax.layers.kda import inverse_softplus
 from hybrid_jax.layers.params import param
 from pallas_kernels.ttt import TTTState, init_state, ttt_memory
 
@@ -58,7 +57,7 @@ class TTTMemory(nnx.Module):
         self.v_proj = param(rngs, init, (D, H, hd), ("embed", "heads", "head_dim"), param_dtype)
         self.o_proj = param(rngs, init, (H, hd, D), ("heads", "head_dim", "embed"), param_dtype)
         logit = lambda p: math.log(p / (1 - p))
-        for name, bias in (("lr", float(inverse_softplus(jnp.float32(lr_init)))), ("momentum", logit(momentum_init)),
+        for name, bias in (("lr", lr_init + math.log(-math.expm1(-lr_init))), ("momentum", logit(momentum_init)),
                            ("decay", logit(decay_init))):
             setattr(self, f"{name}_proj", param(rngs, init, (D, H), ("embed", "heads"), param_dtype))
             setattr(self, f"{name}_bias", param(None, jnp.full((H,), bias), (H,), ("heads",), jnp.float32))
