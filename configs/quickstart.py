@@ -26,10 +26,10 @@ def get_config():
     config.train.checkpoint_every = 100
     corpus = dict(source="micro_world", split="corpus")
     chats = dict(source="micro_world", split="instruct", loss_mask="completion")
-    config.stages.align = stage_config(type="attention_alignment", steps=100, lr=3e-3, data=corpus)
-    config.stages.blocks = stage_config(type="hidden_alignment", steps=100, lr=1e-3, data=corpus)
-    config.stages.kd = stage_config(type="logit_kd", steps=300, lr=1e-3, data=corpus)
-    config.stages.instruct = stage_config(type="instruct_kd", steps=200, lr=5e-4, data=chats)
+    config.stages.align = stage_config(type="attention_alignment", steps=60, lr=3e-3, data=corpus)
+    config.stages.blocks = stage_config(type="hidden_alignment", steps=60, lr=1e-3, data=corpus)
+    config.stages.kd = stage_config(type="logit_kd", steps=200, lr=1e-3, data=corpus)
+    config.stages.instruct = stage_config(type="instruct_kd", steps=150, lr=5e-4, data=chats)
     config.stage_order = "align,blocks,kd,instruct"
     config.export.enabled = False  # student export lands with the Hugging Face student format
     return config

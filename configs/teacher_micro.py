@@ -26,7 +26,7 @@ def get_config():
     config.train.seq_len = 128
     config.train.log_every = 25
     config.train.checkpoint_every = 200
-    config.stages.pretrain = stage_config(type="sft", steps=1200, lr=3e-3, schedule="wsd", warmup_frac=0.05,
+    config.stages.pretrain = stage_config(type="sft", steps=400, lr=3e-3, schedule="wsd", warmup_frac=0.05,
                                           decay_frac=0.3, weight_decay=0.0, clip_norm=1.0)
     config.stage_order = "pretrain"
     config.eval.max_items = 0

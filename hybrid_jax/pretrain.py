@@ -98,8 +98,12 @@ def _cache_root() -> str:
 
 def cached_teacher(config_path: str, *, cache_root: str | None = None, print_fn=print) -> str:
     """The HF directory of the teacher that `config_path` trains, trained on first use."""
+    from hybrid_jax.data import microworld
+
     config = load_config_file(config_path)
-    key = hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
+    # The micro-world's fingerprint joins the key: a changed generator means a new teacher.
+    world = microworld.WorldConfig.from_dict(config.data.world or "default").fingerprint()
+    key = hashlib.sha256((config.to_json(sort_keys=True) + world).encode()).hexdigest()[:12]
     workdir = os.path.join(cache_root or _cache_root(), f"teacher-{Path(config_path).stem}-{key}")
     export = os.path.join(workdir, "export")
     if os.path.exists(os.path.join(export, "config.json")):

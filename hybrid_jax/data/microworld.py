@@ -112,6 +112,9 @@ class WorldConfig:
     num_creatures: int = 12
     corpus_variants: int = 4  # documents per entity, each with fresh templates and order
     question_templates: int = 3  # instruct QA per fact (1..3 phrasings)
+    # Instruct chats per fact that ask with lettered options (fresh distractors each time, never
+    # the evaluation set's draw), so generation-scored multiple choice is a format the model knows.
+    mc_instruct: int = 1
 
     def __post_init__(self):
         for f in ("num_people", "num_cities", "num_companies", "num_creatures"):
@@ -120,6 +123,8 @@ class WorldConfig:
                                  "(multiple choice draws 3 distractors from each domain)")
         if self.corpus_variants < 1:
             raise ValueError(f"WorldConfig.corpus_variants={self.corpus_variants}: need >= 1")
+        if self.mc_instruct < 0:
+            raise ValueError(f"WorldConfig.mc_instruct={self.mc_instruct}: need >= 0")
         if not 1 <= self.question_templates <= 3:
             raise ValueError(f"WorldConfig.question_templates={self.question_templates}: "
                              "must be 1, 2 or 3")
@@ -233,6 +238,10 @@ class World:
                 q = self.spec(f).questions[t].format(s=f.entity)
                 out.append({"messages": [{"role": "user", "content": q},
                                          {"role": "assistant", "content": f.value}]})
+        for i in range(self.config.mc_instruct):
+            for e in self._multiple_choice(random.Random(self.config.seed + 3 + i)):
+                out.append({"messages": [{"role": "user", "content": options_text(e)},
+                                         {"role": "assistant", "content": e["choices"][e["answer_index"]]}]})
         return out
 
     # ---- evaluation ----------------------------------------------------------------
@@ -243,7 +252,9 @@ class World:
 
     def multiple_choice(self) -> list[dict]:
         """4 options per fact; the 3 distractors come from the same attribute's domain."""
-        rng = random.Random(self.config.seed + 2)
+        return self._multiple_choice(random.Random(self.config.seed + 2))
+
+    def _multiple_choice(self, rng: random.Random) -> list[dict]:
         out = []
         for f in self.facts:
             pool = [v for v in self.domains[self.spec(f).domain] if v != f.value]
@@ -264,11 +275,16 @@ class World:
         return tasks[name]()
 
 
-def format_multiple_choice(example: dict) -> str:
-    """The question with lettered options, ending where the answer letter goes."""
+def options_text(example: dict) -> str:
+    """The question followed by its lettered options, one per line."""
     lines = [example["question"]]
     lines += [f"{'ABCD'[i]}. {c}" for i, c in enumerate(example["choices"])]
-    return "\n".join(lines) + "\nAnswer:"
+    return "\n".join(lines)
+
+
+def format_multiple_choice(example: dict) -> str:
+    """The question with lettered options, ending where the answer letter goes."""
+    return options_text(example) + "\nAnswer:"
 
 
 # ---- long-context tasks ------------------------------------------------------------------

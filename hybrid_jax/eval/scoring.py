@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from hybrid_jax.data.chat import render_chat
+from hybrid_jax.data.microworld import options_text
 from hybrid_jax.eval.generate import bucket_length, generate
 
 
@@ -79,11 +80,6 @@ def chat_prompt(tokenizer, question: str, chat_template: str = "tokenizer") -> s
     """The user turn and the assistant header, thinking disabled: where the answer starts."""
     return render_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True,
                        chat_template=chat_template)
-
-
-def format_options(item: dict) -> str:
-    """The question with lettered options (the generation-scoring prompt)."""
-    return "\n".join([item["question"]] + [f"{'ABCD'[i]}. {c}" for i, c in enumerate(item["choices"])])
 
 
 def normalise_answer(text: str) -> str:
@@ -141,7 +137,7 @@ def _generate_replies(model, tokenizer, questions: Sequence[str], *, chat_templa
 def score_multiple_choice_generation(model, tokenizer, items: Sequence[dict], *, chat_template: str = "tokenizer",
                                      batch_size: int = 32, max_new_tokens: int = 16) -> dict:
     """The model sees the question with lettered options and answers; the reply is parsed."""
-    replies = _generate_replies(model, tokenizer, [format_options(i) for i in items], chat_template=chat_template,
+    replies = _generate_replies(model, tokenizer, [options_text(i) for i in items], chat_template=chat_template,
                                 batch_size=batch_size, max_new_tokens=max_new_tokens)
     picked = [extract_choice(r, item["choices"]) for r, item in zip(replies, items)]
     acc = sum(p == item["answer_index"] for p, item in zip(picked, items)) / len(items)

@@ -1,5 +1,6 @@
 """The micro-world generator: determinism, consistency of facts and evaluation sets."""
 
+import dataclasses
 import re
 from collections import Counter
 
@@ -22,7 +23,8 @@ def test_sizes_follow_the_config():
     n_facts = 7 * 3 + 4 * 3 + 6 * 2
     assert len(w.facts) == n_facts == len(w.open_questions()) == len(w.multiple_choice())
     assert len(w.corpus()) == 2 * (7 + 4 + 6)
-    assert len(w.instruct()) == 2 * n_facts
+    assert len(w.instruct()) == (2 + 1) * n_facts  # 2 phrasings + 1 lettered-options chat per fact
+    assert len(mw.World(dataclasses.replace(cfg, mc_instruct=0)).instruct()) == 2 * n_facts
     names = w.people + w.cities + w.companies + w.creatures
     assert len(set(names)) == len(names)
     with pytest.raises(ValueError, match="num_cities"):
@@ -62,6 +64,18 @@ def test_multiple_choice_has_one_correct_option_from_the_same_domain():
     assert set(positions) == {0, 1, 2, 3}  # the answer is not always in one place
     text = mw.format_multiple_choice(w.multiple_choice()[0])
     assert text.endswith("\nAnswer:") and "\nD. " in text
+
+
+def test_lettered_option_chats_teach_the_format_not_the_test_draw():
+    w = mw.World()
+    evaluation = {mw.options_text(e) for e in w.multiple_choice()}
+    chats = [c["messages"] for c in w.instruct() if "\nA. " in c["messages"][0]["content"]]
+    assert len(chats) == len(w.facts)
+    for (user, assistant), f in zip(chats, w.facts, strict=True):
+        assert user["content"].startswith(w.spec(f).questions[0].format(s=f.entity))
+        assert assistant["content"] == f.value and f". {f.value}\n" in user["content"] + "\n"
+    # Fresh distractors: (almost) no training prompt repeats an evaluation prompt verbatim.
+    assert sum(c[0]["content"] in evaluation for c in chats) < len(chats) // 10
 
 
 @pytest.mark.parametrize("length", [256, 1024])
