@@ -111,7 +111,7 @@ def _cudnn_can(q, sinks, segment_ids):
 def _auto_backend(q, sinks, segment_ids):
     platform = jax.devices()[0].platform
     if platform == "gpu":
-        # cuDNN measured 1.26-1.41x faster than our Triton kernel (docs/benchmarks-swa.md),
+        # cuDNN measured 1.26-1.41x faster than our Triton kernel (docs/benchmarks.md),
         # so it takes every call it can express.
         if _cudnn_can(q, sinks, segment_ids):
             return "cudnn"
