@@ -40,8 +40,13 @@ from hybrid_jax.convert.hf_import import CheckpointError, Copy, Flatten, KeyMap,
 from hybrid_jax.layers.allmem import AllMem
 from hybrid_jax.layers.kda import KDA
 from hybrid_jax.layers.swa import SlidingWindowAttention
-from hybrid_jax.models.hybrid import (DEFAULT_MIXER_CONFIG, STUDENT_MODEL_TYPE, build_student_from_config,
-                                      layer_kinds, student_config_dict)
+from hybrid_jax.models.hybrid import (
+    DEFAULT_MIXER_CONFIG,
+    STUDENT_MODEL_TYPE,
+    build_student_from_config,
+    layer_kinds,
+    student_config_dict,
+)
 from hybrid_jax.models.qwen3 import Qwen3Config
 
 MODELING_DIR = Path(__file__).with_name("hf_modeling")

@@ -25,7 +25,6 @@ convolution tails for kda/gdn, the fast weights for allmem.
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +127,7 @@ class _Context:
     all_mask: torch.Tensor  # [B, seen + T] bool
     all_doc: torch.Tensor  # [B, seen + T] long
     seen: int
-    cache: Optional[HybridCache]
+    cache: HybridCache | None
 
 
 # -------------------------------------------------------------------------------------- attention
@@ -424,8 +423,8 @@ class TTTMemory(nn.Module):
             start = 0
             while start < real.numel():
                 piece = real[start:start + c - count]
-                sel = lambda z: z[row, piece].transpose(0, 1)  # noqa: E731 - [H, L, ...]
-                read, grad = _read_and_grad(w, sel(q), sel(k), sel(v), sel(lr))
+                qp, kp, vp, lrp = (z[row, piece].transpose(0, 1) for z in (q, k, v, lr))  # [H, L, ...]
+                read, grad = _read_and_grad(w, qp, kp, vp, lrp)
                 out[row, piece] = read.transpose(0, 1)
                 g = [gi + di for gi, di in zip(g, grad)]
                 count += piece.numel()
