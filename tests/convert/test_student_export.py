@@ -191,8 +191,18 @@ def test_failed_student_export_keeps_the_old_directory(student, kda_dir, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-def test_torch_model_refuses_a_holed_attention_mask(kda_dir):
+def test_torch_cache_paths_and_holed_mask(kda_dir):
+    """Beam search and sampling with several sequences reorder / repeat HybridCache rows: with the cache they pick
+    what the cache-free model picks. A holed attention mask is refused."""
     hf = load_torch(kda_dir)
+    ids = torch.tensor([[256, 256, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    for kw in ({"num_beams": 3, "do_sample": False}, {"do_sample": True, "num_return_sequences": 2}):
+        runs = []
+        for use_cache in (True, False):
+            torch.manual_seed(0)
+            runs.append(hf.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=use_cache, **kw))
+        torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="one contiguous run of ones"):
         hf(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0, 1, 1]]))
 
