@@ -131,6 +131,9 @@ def _schema() -> dict:
             # Mixer hyperparameters {kind: {key: value}} (and {"layers": {i: {...}}}) passed to
             # build_student; keys and defaults in hybrid_jax.models.hybrid.DEFAULT_MIXER_CONFIG.
             mixers={},
+            # AllMem/SWA window, sinks and memory chunk drawn per training step within these
+            # inclusive ranges (AllMem's recipe); the configured values return for eval/export.
+            randomize=dict(enabled=False, window=(512, 8192), sinks=(0, 256), chunk_size=(512, 4096)),
         ),
         # The `data` section is read by hybrid_jax.data.pipeline.make_batches (docs/data.md):
         # either the single-source shorthand source/path/split or a `sources` mixture list.

@@ -76,3 +76,29 @@ def test_main_job_without_a_teacher_fails_clearly(run, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode != 0
     assert "teacher.path is empty but a stage needs a teacher" in proc.stderr
+
+
+def test_allmem_randomisation_hook_draws_per_step_and_restores(tmp_path):
+    import hybrid_jax as hj
+    from hybrid_jax.config import default_config
+    from hybrid_jax.distill.__main__ import allmem_step_hook, restore_allmem_hparams
+    from tests.fixtures import write_tiny_checkpoint
+
+    teacher = hj.load_pretrained(str(write_tiny_checkpoint(tmp_path, tokenizer=False)))
+    student = hj.build_student(teacher, "allmem:0-1", mixer_config={"allmem": dict(window=16, sinks=0, chunk_size=8)})
+    config = default_config()
+    assert allmem_step_hook(config) is None  # off by default
+    config.student.randomize.enabled = True
+    config.student.randomize.window, config.student.randomize.chunk_size = (128, 1024), (128, 512)
+    hook = allmem_step_hook(config)
+    draws = []
+    for step in (1, 2, 3, 1):
+        hook(student, step)
+        m = student.blocks[1].mixer
+        assert student.blocks[0].mixer.window == m.window  # one draw for every layer
+        assert 128 <= m.window <= 1024 and 128 <= m.chunk_size <= 512 and 0 <= m.sinks <= 256
+        draws.append((m.window, m.sinks, m.chunk_size))
+    assert draws[0] == draws[3]  # seeded by the step: a resumed run draws the same values
+    assert len(set(draws)) > 1
+    restore_allmem_hparams(student)
+    assert [(b.mixer.window, b.mixer.sinks, b.mixer.chunk_size) for b in student.blocks] == [(16, 0, 8)] * 2

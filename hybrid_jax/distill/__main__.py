@@ -70,6 +70,33 @@ def save_run_files(workdir: str, student, tokenizer) -> None:
     tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
 
 
+def allmem_step_hook(config):
+    """Per-step draws of AllMem's window / sinks / chunk (seeded by the step, so a resumed run
+    draws the same values), or None when `student.randomize.enabled` is off."""
+    r = config.student.randomize
+    if not r.enabled:
+        return None
+    import numpy as np
+
+    from hybrid_jax.layers.allmem import sample_allmem_hparams, set_allmem_hparams
+
+    def hook(student, step):
+        draw = sample_allmem_hparams(np.random.default_rng([config.seed, step]), window=tuple(r.window),
+                                     sinks=tuple(r.sinks), chunk_size=tuple(r.chunk_size))
+        set_allmem_hparams(student, **draw)
+
+    return hook
+
+
+def restore_allmem_hparams(student) -> None:
+    """Put back each AllMem/SWA layer's configured window, sinks and chunk after random draws."""
+    for block in student.blocks:
+        hp = dict(getattr(block.mixer, "hparams", ()))
+        for key in ("window", "sinks", "chunk_size"):
+            if key in hp and hasattr(block.mixer, key):
+                setattr(block.mixer, key, hp[key])
+
+
 def run(config, workdir: str, print_fn=print) -> dict:
     import hybrid_jax as hj
     from hybrid_jax.config import validate_config
@@ -83,7 +110,8 @@ def run(config, workdir: str, print_fn=print) -> dict:
     student = load_student(config, teacher, print_fn)
     save_run_files(workdir, student, tokenizer)
     summary = Trainer(config, student, teacher=teacher, data_fn=pipeline_data_fn(config, tokenizer),
-                      workdir=workdir, print_fn=print_fn).run()
+                      workdir=workdir, step_hook=allmem_step_hook(config), print_fn=print_fn).run()
+    restore_allmem_hparams(student)
     for name, s in summary["stages"].items():
         print_fn(f"stage {name}: loss {s['first_loss']:.4g} -> {s['last_loss']:.4g} over {s['steps']} steps")
     out = {"summary": summary}
