@@ -123,6 +123,12 @@ def is_student(model) -> bool:
 def student_hf_config(model) -> dict[str, Any]:
     """config.json of a student: the Qwen3 fields plus the layer spec and per-layer mixer hyperparameters."""
     sc = student_config_dict(model)
+    # Window, sinks and chunk sizes are plain attributes a trainer may change after building (AllMem's per-step
+    # draws): the file records what the model computes now, not what it was built with.
+    for hp, block in zip(sc["layers"], model.blocks):
+        for key in ("window", "sinks", "chunk_size"):
+            if key in hp and hasattr(block.mixer, key):
+                hp[key] = getattr(block.mixer, key)
     cfg = model.config.to_hf()
     cfg.update({
         "architectures": ["HybridQwen3ForCausalLM"], "model_type": STUDENT_MODEL_TYPE, "auto_map": dict(AUTO_MAP),

@@ -135,6 +135,21 @@ def _edit_config(path, **changes):
     (path / "config.json").write_text(json.dumps({**cfg, **changes}))
 
 
+def test_export_records_the_live_window_sinks_and_chunk(student, tmp_path):
+    from hybrid_jax.layers.allmem import set_allmem_hparams
+
+    model = student("allmem")
+    try:
+        set_allmem_hparams(model, window=6, sinks=2, chunk_size=4)  # as a trainer's per-step draw leaves them
+        out = hj.save_pretrained(model, tmp_path / "m")
+    finally:
+        set_allmem_hparams(model, **{k: STUDENTS["allmem"][1]["allmem"][k] for k in ("window", "sinks", "chunk_size")})
+    layers = json.loads((out / "config.json").read_text())["mixer_configs"]
+    assert [(hp["window"], hp["sinks"], hp["chunk_size"]) for hp in layers] == [(6, 2, 4)] * 3
+    back = hj.load_pretrained(out)
+    assert [(b.mixer.window, b.mixer.sinks, b.mixer.chunk_size) for b in back.blocks] == [(6, 2, 4)] * 3
+
+
 def test_unknown_mixer_type_is_named(kda_dir, tmp_path):
     import shutil
 
