@@ -31,5 +31,4 @@ def get_config():
     config.stages.kd = stage_config(type="logit_kd", steps=200, lr=1e-3, data=corpus)
     config.stages.instruct = stage_config(type="instruct_kd", steps=150, lr=5e-4, data=chats)
     config.stage_order = "align,blocks,kd,instruct"
-    config.export.enabled = False  # student export lands with the Hugging Face student format
     return config
