@@ -22,12 +22,29 @@ final_state [B,H,K,V] float32 or None).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 L2NORM_EPS = 1e-6  # fla / transformers: x / sqrt(sum(x^2) + eps)
 
+
+
+def unit_lower_inverse(L: jax.Array) -> jax.Array:
+    """(I + L)^-1 for strictly lower-triangular L [..., C, C], by the doubling product
+    (I - L)(I + L^2)(I + L^4)... (L is nilpotent, L^C = 0): matrix products only. A LAPACK
+    triangular solve would also do, but jaxlib's CPU solver parallelises batches on XLA's
+    intra-op pool and was seen to deadlock inside a jitted training step on 2 cores."""
+    C = L.shape[-1]
+    eye = jnp.eye(C, dtype=L.dtype)
+    mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    power, inverse, n = -L, eye - L, 2
+    while n < C:
+        power = mm(power, power)  # (-L)^n
+        inverse = mm(inverse, eye + power)
+        n *= 2
+    return inverse
 
 def l2norm(x: jax.Array, eps: float = L2NORM_EPS) -> jax.Array:
     """fla's L2 normalisation of the last axis (float32)."""
@@ -116,7 +133,6 @@ def chunk_kda_reference(
     idx = jnp.arange(C)
     causal = idx[:, None] >= idx[None, :]
     strict = idx[:, None] > idx[None, :]
-    eye = jnp.eye(C, dtype=jnp.float32)
 
     def step(s, x):
         q_c, k_c, v_c, g_c, b_c, sg, sp = x  # [B,H,C,*], sg [B,C], sp [B]
@@ -128,9 +144,7 @@ def chunk_kda_reference(
         A = jnp.einsum("bhtk,bhjk,bhtjk->bhtj", k_c, k_c, dec) * strict
         P = jnp.einsum("bhtk,bhjk,bhtjk->bhtj", q_c, k_c, dec)
         # u = (I + diag(b) A)^-1 diag(b) (v - (k*Gamma) S0): the UT transform.
-        Tm = solve_triangular(eye + b_c[..., :, None] * A,
-                              jnp.broadcast_to(eye * b_c[..., None, :], A.shape),
-                              lower=True, unit_diagonal=True)
+        Tm = unit_lower_inverse(b_c[..., :, None] * A) * b_c[..., None, :]
         from_start = (sg == sp[:, None])[:, None, :, None]  # no reset since chunk start
         gam = jnp.exp(jnp.where(from_start, G, -jnp.inf))  # [B,H,C,K]
         W = Tm @ (k_c * gam)
