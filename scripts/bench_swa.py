@@ -108,7 +108,7 @@ def main():
         def ours(q, k, v, sinks=0, segment_ids=None):
             return swa_gpu.swa_attention_gpu(q, k, v, window=args.window, sinks=sinks,
                                              segment_ids=segment_ids,
-                                             scale=args.head_dim ** -0.5, **cfg)
+                                             scale=args.head_dim ** -0.5, **cfg)  # noqa: B023 (timed within this iteration)
 
         def cudnn(q, k, v):
             return swa_attention(q, k, v, window=args.window, backend="cudnn")
@@ -119,7 +119,7 @@ def main():
             docs = jnp.repeat(jnp.arange(1, 9, dtype=jnp.int32), t // 8)[None, :]
             impls += [("pallas_gpu+sinks64", lambda q, k, v: ours(q, k, v, sinks=64)),
                       ("pallas_gpu+sinks64+8docs",
-                       lambda q, k, v: ours(q, k, v, sinks=64, segment_ids=docs))]
+                       lambda q, k, v: ours(q, k, v, sinks=64, segment_ids=docs))]  # noqa: B023
         # Agreement check at full size (bf16 both sides, so a loose bound).
         a, c = jax.jit(ours)(q, k, v), jax.jit(cudnn)(q, k, v)
         err = float(jnp.sqrt(jnp.mean((a.astype(jnp.float32) - c.astype(jnp.float32)) ** 2)
