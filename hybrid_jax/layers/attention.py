@@ -38,7 +38,7 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, window=None
     return mask & causal[None]
 
 
-def _attend(q, k, v, mask, scale):
+def masked_softmax_attend(q, k, v, mask, scale):
     """q [B,T,KH,G,D], k/v [B,S,KH,D], mask [B,T,S] -> [B,T,KH,G,D] (float32 softmax)."""
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     mask = mask[:, None, None]
@@ -69,7 +69,7 @@ def attention_core(q, k, v, *, q_segment_ids, kv_segment_ids, q_index, kv_index,
     while chunk > 16 and b * h * chunk * s * 4 > _MAX_SCORE_BYTES:
         chunk //= 2
     if chunk == t:
-        out = _attend(qg, k, v, attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, window), scale)
+        out = masked_softmax_attend(qg, k, v, attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, window), scale)
         return out.reshape(b, t, h, d).astype(q.dtype)
 
     n = -(-t // chunk)
@@ -80,7 +80,7 @@ def attention_core(q, k, v, *, q_segment_ids, kv_segment_ids, q_index, kv_index,
 
     def one(args):
         qc, sc, ic = args
-        return _attend(qc, k, v, attention_mask(sc, kv_segment_ids, ic, kv_index, window), scale).astype(q.dtype)
+        return masked_softmax_attend(qc, k, v, attention_mask(sc, kv_segment_ids, ic, kv_index, window), scale).astype(q.dtype)
 
     chunks = (
         qg.reshape(b, n, chunk, kh, h // kh, d).swapaxes(0, 1),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.layers.attention import Attention
+from hybrid_jax.layers.attention import Attention, masked_softmax_attend
 from pallas_kernels.swa import swa_attention
 
 # Upper bound on one query chunk's float32 score tensor on the cached multi-token path.
@@ -27,19 +27,6 @@ def check_window(window, sinks, where: str) -> None:
         raise ValueError(f"{where}: window must be an int >= 1, got {window!r}")
     if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
         raise ValueError(f"{where}: sinks must be an int >= 0, got {sinks!r} (0 = no sink tokens)")
-
-
-def _softmax_attend(q, k, v, mask, scale):
-    """q [B,T,KH,G,D], k/v [B,S,KH,D], mask [B,T,S] -> [B,T,KH,G,D] float32."""
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    m = mask[:, None, None]
-    s = jnp.where(m, s, -jnp.inf)
-    peak = jnp.max(s, axis=-1, keepdims=True)
-    # Mask before exp (exponents <= 0); rows with no visible key (chunk padding) give 0, not NaN.
-    p = jnp.where(m, jnp.exp(s - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    return jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
 class SlidingWindowAttention(Attention):
@@ -137,7 +124,7 @@ class SlidingWindowAttention(Attention):
 
         def one(args):
             qc, pc, sc, stc = args
-            return _softmax_attend(qc, keys, vals, mask_for(pc, sc, stc), self.scale)
+            return masked_softmax_attend(qc, keys, vals, mask_for(pc, sc, stc), self.scale)
 
         split = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
         out = jax.lax.map(one, (split(qg), split(qpos), split(qseg), split(qst)))
