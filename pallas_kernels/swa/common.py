@@ -10,6 +10,8 @@ so cost grows with T * (window + sinks), not T^2.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -76,3 +78,24 @@ def key_block_query_range(starts, *, window, sinks, block_k):
     q_end = jnp.minimum(reach, ends[:, block_k - 1::block_k])
     full_end = jnp.minimum(k0[None, :] + window, ends[:, ::block_k])
     return q_end.astype(jnp.int32), full_end.astype(jnp.int32)
+
+
+def flash_vjp(forward, backward):
+    """`f(q, k, v, starts, cfg)` with a custom VJP from a kernel pair: `forward(q, k, v, starts,
+    cfg) -> (o, lse)` and `backward(q, k, v, o, lse, do, starts, cfg) -> (dq, dk, dv)`.
+    `cfg` is a hashable tuple of settings (passed to the kernels as a dict)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def f(q, k, v, starts, cfg):
+        return forward(q, k, v, starts, dict(cfg))[0]
+
+    def fwd(q, k, v, starts, cfg):
+        o, lse = forward(q, k, v, starts, dict(cfg))
+        return o, (q, k, v, o, lse, starts)
+
+    def bwd(cfg, res, do):
+        q, k, v, o, lse, starts = res
+        return (*backward(q, k, v, o, lse, do, starts, dict(cfg)), None)
+
+    f.defvjp(fwd, bwd)
+    return f

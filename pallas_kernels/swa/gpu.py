@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.swa.common import (
     LOG2E,
     MASK_VALUE,
+    flash_vjp,
     key_block_query_range,
     pad_time,
     padded_starts,
@@ -261,23 +262,7 @@ def _backward(q, k, v, o, lse, do, starts, cfg):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _swa(q, k, v, starts, cfg):
-    return _forward(q, k, v, starts, dict(cfg))[0]
-
-
-def _swa_fwd(q, k, v, starts, cfg):
-    o, lse = _forward(q, k, v, starts, dict(cfg))
-    return o, (q, k, v, o, lse, starts)
-
-
-def _swa_bwd(cfg, res, do):
-    q, k, v, o, lse, starts = res
-    dq, dk, dv = _backward(q, k, v, o, lse, do, starts, dict(cfg))
-    return dq, dk, dv, None
-
-
-_swa.defvjp(_swa_fwd, _swa_bwd)
+_swa = flash_vjp(_forward, _backward)
 
 # Fastest of scripts/bench_swa.py --sweep on an H200 (D=128, window 4096, bf16).
 DEFAULT_CONFIG = dict(block_q=128, block_k=128, num_warps=8, num_stages=3,

@@ -22,6 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.swa.common import (
     MASK_VALUE,
+    flash_vjp,
     key_block_query_range,
     pad_time,
     padded_starts,
@@ -260,22 +261,7 @@ def _backward(q, k, v, o, lse, do, starts, cfg):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _swa(q, k, v, starts, cfg):
-    return _forward(q, k, v, starts, dict(cfg))[0]
-
-
-def _swa_fwd(q, k, v, starts, cfg):
-    o, lse = _forward(q, k, v, starts, dict(cfg))
-    return o, (q, k, v, o, lse, starts)
-
-
-def _swa_bwd(cfg, res, do):
-    q, k, v, o, lse, starts = res
-    return (*_backward(q, k, v, o, lse, do, starts, dict(cfg)), None)
-
-
-_swa.defvjp(_swa_fwd, _swa_bwd)
+_swa = flash_vjp(_forward, _backward)
 
 DEFAULT_CONFIG = dict(block_q=512, block_k=512, dq_block_q=512, dq_block_k=512,
                       dkv_block_q=512, dkv_block_k=512)
