@@ -388,15 +388,20 @@ def _params(cfg, warps):
                 compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=cfg.stages))
 
 
+def _chunk_specs(C, K, V):
+    """Per-(batch, head, chunk) blocks of [.,C,.,K], [.,C,.,V], [.,C,.,C], [.,C,.] and [.,C] arrays."""
+    return (pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0)),
+            pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0)),
+            pl.BlockSpec((None, C, None, C), lambda b, h, n: (b, n, h, 0)),
+            pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h)),
+            pl.BlockSpec((None, C), lambda b, h, n: (b, n)))
+
+
 def _intra_fwd(q, k, v, G, beta, run, fs, cfg):
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     C = cfg.C
-    ck = pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
-    cv = pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0))
-    cp = pl.BlockSpec((None, C, None, C), lambda b, h, n: (b, n, h, 0))
-    cb = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
-    cm = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
+    ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
     kern = functools.partial(_intra_fwd_kernel, C=C, K=K, seg=cfg.seg, bk=cfg.bk,
                              mm=cfg.mm)
     return pl.pallas_call(
@@ -470,11 +475,7 @@ def _intra_bwd(q, k, v, G, beta, run, fs, ls, dw, du, dp, dqg, dkd, dgl, cfg):
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     C = cfg.C
-    ck = pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
-    cv = pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0))
-    cp = pl.BlockSpec((None, C, None, C), lambda b, h, n: (b, n, h, 0))
-    cb = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
-    cm = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
+    ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
     cg = pl.BlockSpec((None, 1, None, K), lambda b, h, n: (b, n, h, 0))
     kern = functools.partial(_intra_bwd_kernel, C=C, K=K, seg=cfg.seg, bk=cfg.bk,
                              mm=cfg.mm)
