@@ -157,6 +157,30 @@ LARGE_WORLD = WorldConfig(seed=0, num_people=2000, num_cities=100, num_companies
 PRESETS = {"default": WorldConfig(), "large": LARGE_WORLD}
 
 
+def data_world(data) -> WorldConfig:
+    """The micro-world a run's `data` section trains on, which is the world to evaluate on:
+    `data.world` when set, else the one world its micro-world sources name (a `microworld`
+    source's `world`, or a `microworld/<task>_large` TFDS name), else the default world.
+
+    `data` is a mapping or ConfigDict shaped like `hybrid_jax.config`'s `data` section.
+    """
+    if data.get("world"):
+        return WorldConfig.from_dict(data["world"])
+    sources = data.get("sources") or []
+    if hasattr(sources, "values"):  # the name -> source mapping form
+        sources = list(sources.values())
+    worlds = set()
+    for s in sources:
+        if s.get("kind") == "microworld":
+            worlds.add(WorldConfig.from_dict(s.get("world") or "default"))
+        elif s.get("kind") == "tfds" and str(s.get("name", "")).startswith("microworld/"):
+            worlds.add(LARGE_WORLD if str(s["name"]).split(":")[0].endswith("_large") else WorldConfig())
+    if len(worlds) > 1:
+        raise ValueError(f"data.sources read {len(worlds)} different micro-worlds; set data.world to the one "
+                         "to evaluate on (a preset name or a dict of WorldConfig fields)")
+    return worlds.pop() if worlds else WorldConfig()
+
+
 @dataclasses.dataclass(frozen=True)
 class Fact:
     kind: str
