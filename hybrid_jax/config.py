@@ -80,6 +80,9 @@ def _stage_defaults() -> dict:
         temperature=1.0,
         top_k=0,
         jsd_beta=0.5,
+        # Logit stages: sequence positions per chunk of the fused lm_head + logit loss, which never
+        # holds [batch, seq_len, vocab] logits (peak O(batch · logit_chunk · vocab)); 0 = unchunked.
+        logit_chunk=1024,
         # Alignment stages: comma-separated layer indices; "" = every layer whose mixer is new.
         layers="",
         # Data for this stage; empty fields inherit the top-level `data` section.

@@ -14,6 +14,10 @@ Conventions
   distributions on one support, so there the student is renormalised over it too.
 * Loss objects follow tunix: small frozen dataclasses with
   `compute_loss(student_logits, teacher_logits, batch) -> (loss, metrics)`.
+* `LogitLoss.compute_loss_from_hidden` computes the same loss from final-normed hidden states
+  and the output projections, `chunk` sequence positions at a time, so no [B, T, V] array is
+  ever materialised: peak memory is O(B · chunk · V) in the forward and the backward pass (the
+  gradient is formed chunk by chunk during the forward, as in fused linear cross-entropy).
 """
 
 from __future__ import annotations
@@ -149,25 +153,121 @@ class LogitLoss:
     def needs_teacher(self) -> bool:
         return any(k != "ce" for k, _ in self.terms)
 
+    def per_token(self, student_logits, teacher_logits, labels) -> list[jax.Array]:
+        """Each term's per-position value (unweighted), in the order of `terms`."""
+        kw = dict(temperature=self.temperature, top_k=self.top_k)
+        out = []
+        for kind, _ in self.terms:
+            if kind == "ce":
+                out.append(cross_entropy_per_token(student_logits, labels))
+            elif kind == "forward_kl":
+                out.append(forward_kl_per_token(student_logits, teacher_logits, **kw))
+            elif kind == "reverse_kl":
+                out.append(reverse_kl_per_token(student_logits, teacher_logits, **kw))
+            else:
+                out.append(jsd_per_token(student_logits, teacher_logits, beta=self.jsd_beta, **kw))
+        return out
+
     def compute_loss(self, student_logits, teacher_logits, batch):
         mask = prediction_mask(batch)
-        kw = dict(temperature=self.temperature, top_k=self.top_k)
+        labels = next_token_labels(jnp.asarray(batch["input_ids"]))
         total = jnp.zeros((), jnp.float32)
         metrics = {}
-        for kind, w in self.terms:
-            if kind == "ce":
-                v = cross_entropy(student_logits, next_token_labels(jnp.asarray(batch["input_ids"])), mask)
-            elif kind == "forward_kl":
-                v = forward_kl(student_logits, teacher_logits, mask, **kw)
-            elif kind == "reverse_kl":
-                v = reverse_kl(student_logits, teacher_logits, mask, **kw)
-            else:
-                v = generalized_jsd(student_logits, teacher_logits, mask, beta=self.jsd_beta, **kw)
-            metrics[kind] = v
-            total = total + w * v
+        for (kind, w), v in zip(self.terms, self.per_token(student_logits, teacher_logits, labels), strict=True):
+            metrics[kind] = masked_mean(v, mask)
+            total = total + w * metrics[kind]
         metrics["loss"] = total
         metrics["target_tokens"] = jnp.sum(mask)
         return total, metrics
+
+    def compute_loss_from_hidden(self, student_hidden, student_head, teacher_hidden, teacher_head, batch, *, chunk: int,
+                                 student_dtype=jnp.float32, teacher_dtype=jnp.float32):
+        """`compute_loss` on logits `lm_head_logits(hidden, head, dtype)`, `chunk` positions at a time.
+
+        hidden: final-normed [B, T, D]; head: the [D, V] output projection; dtype: the model's
+        compute dtype. The teacher side is constant (no gradient). The total is differentiable
+        with respect to the student's hidden states and head; the per-term metrics are not
+        (stop_gradient), since only the weighted total's gradient is formed in the forward pass.
+        """
+        if chunk <= 0:
+            raise ConfigError(f"compute_loss_from_hidden: chunk must be > 0 positions, got {chunk}")
+        mask = prediction_mask(batch)
+        labels = next_token_labels(jnp.asarray(batch["input_ids"]))
+        if self.needs_teacher:
+            teacher_hidden, teacher_head = jax.lax.stop_gradient((teacher_hidden, teacher_head))
+        else:
+            teacher_hidden = teacher_head = None
+        loss, values = _fused_logit_loss(self, chunk, jnp.dtype(student_dtype), jnp.dtype(teacher_dtype))(
+            student_hidden, student_head, teacher_hidden, teacher_head, mask, labels)
+        values = jax.lax.stop_gradient(values)
+        metrics = {kind: values[i] for i, (kind, _) in enumerate(self.terms)}
+        metrics.update(loss=loss, target_tokens=jnp.sum(mask))
+        return loss, metrics
+
+
+def lm_head_logits(hidden, head, dtype=jnp.float32):
+    """DecoderLM.logits with the projection as an argument: `dtype` matmul, float32 result."""
+    return jnp.einsum("...d,dv->...v", hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype):
+    """(student_hidden, student_head, teacher_hidden, teacher_head, mask, labels) -> (total, values[K]).
+
+    A custom VJP whose forward scans over sequence chunks: per chunk it forms both logit
+    blocks [B, chunk, V], the masked per-term sums, and — by `jax.vjp` of that chunk with the
+    cotangent 1/den — the chunk's gradient for the student hidden states and head. The
+    backward pass only scales those by the incoming cotangent, so nothing [B, T, V]-sized is
+    stored or recomputed. Zero-padded positions beyond T carry mask 0.
+    """
+    weights = jnp.asarray([w for _, w in loss.terms], jnp.float32)
+
+    def chunk_sums(hs, head, ht, t_head, m, lab):
+        s_logits = lm_head_logits(hs, head, s_dtype)
+        t_logits = None if ht is None else lm_head_logits(ht, t_head, t_dtype)
+        per = loss.per_token(s_logits, t_logits, lab)
+        return jnp.stack([jnp.sum(jnp.where(m > 0, v, 0.0) * m) for v in per])
+
+    def blocks(x, n):  # [B, T, ...] -> [n, B, chunk, ...], zero padded to n * chunk positions
+        b, t = x.shape[:2]
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    def forward_and_grads(hs, head, ht, t_head, mask, labels):
+        b, t = mask.shape
+        n = -(-t // chunk)
+        inv_den = 1.0 / jnp.maximum(jnp.sum(mask), 1.0)
+
+        def body(d_head, xs):
+            hs_c, ht_c, m_c, lab_c = xs
+
+            def f(h, w):
+                sums = chunk_sums(h, w, ht_c, t_head, m_c, lab_c)
+                return jnp.dot(weights, sums), sums
+
+            _, vjp, sums = jax.vjp(f, hs_c, head, has_aux=True)
+            dh_c, dw_c = vjp(inv_den)
+            return d_head + dw_c.astype(jnp.float32), (sums, dh_c)
+
+        xs = (blocks(hs, n), None if ht is None else blocks(ht, n), blocks(mask, n), blocks(labels, n))
+        d_head, (sums, dh) = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), xs)
+        values = jnp.sum(sums, axis=0) * inv_den
+        dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * chunk, -1)[:, :t]
+        return (jnp.dot(weights, values), values), (dh, d_head.astype(head.dtype))
+
+    @jax.custom_vjp
+    def fused(hs, head, ht, t_head, mask, labels):
+        return forward_and_grads(hs, head, ht, t_head, mask, labels)[0]
+
+    def fwd(hs, head, ht, t_head, mask, labels):
+        return forward_and_grads(hs, head, ht, t_head, mask, labels)
+
+    def bwd(res, g):
+        dh, d_head = res
+        g_total, _ = g  # `values` leave through stop_gradient: their cotangent is always zero
+        return (dh * g_total.astype(dh.dtype), d_head * g_total.astype(d_head.dtype), None, None, None, None)
+
+    fused.defvjp(fwd, bwd)
+    return fused
 
 
 @dataclasses.dataclass(frozen=True)

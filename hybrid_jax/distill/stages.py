@@ -9,6 +9,9 @@
 * instruct_kd          logit KD on chat data with completion-only masks; attention frozen.
 * sft                  cross-entropy on next tokens, no teacher (also pretrains a teacher).
 
+Logit stages compute lm_head and loss together, `logit_chunk` positions at a time
+(`LogitLoss.compute_loss_from_hidden`), unless `logit_chunk` = 0.
+
 Models follow the DecoderLM contract (hybrid_jax/models/qwen3.py): `forward(input_ids, *,
 positions, segment_ids, output_hidden_states, output_mixer_io)` returns `.logits`,
 `.hidden_states` (residual entering each block, then the final residual), `.mixer_inputs`,
@@ -62,6 +65,12 @@ def _forward(model, batch, **kw):
     return model.forward(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"], **kw)
 
 
+def _final_hidden(model, batch):
+    """(final-normed hidden states [B, T, D], lm_head weight [D, V]): what `model.logits` multiplies."""
+    out = _forward(model, batch, output_hidden_states=True, no_logits=True)
+    return model.norm(out.hidden_states[-1]), model.lm_head_weight()
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One resolved stage: budget, optimiser settings (in `cfg`), aligned layers and objective."""
@@ -95,6 +104,16 @@ class Stage:
                 for i in self.layers
             ]
             return ActivationMSE().compute_loss(ys, [t.hidden_states[i + 1] for i in self.layers], batch, self.layers)
+        chunk = self.cfg.logit_chunk
+        if chunk:
+            s_hidden, s_head = _final_hidden(student, batch)
+            t_hidden = t_head = None
+            t_dtype = s_dtype = student.config.jnp_dtype
+            if self.logit_loss.needs_teacher:
+                t_hidden, t_head = jax.lax.stop_gradient(_final_hidden(teacher, batch))
+                t_dtype = teacher.config.jnp_dtype
+            return self.logit_loss.compute_loss_from_hidden(s_hidden, s_head, t_hidden, t_head, batch, chunk=chunk,
+                                                            student_dtype=s_dtype, teacher_dtype=t_dtype)
         s_logits = _forward(student, batch).logits
         t_logits = None
         if self.logit_loss.needs_teacher:
@@ -132,6 +151,13 @@ def build_stage(cfg, student, teacher=None) -> Stage:
         logit_loss = LogitLoss(terms=terms, temperature=cfg.temperature, top_k=cfg.top_k, jsd_beta=cfg.jsd_beta)
         if logit_loss.needs_teacher and teacher is None:
             raise ConfigError(f"stage {cfg.name!r}: loss {cfg.loss!r} needs a teacher model; load one (teacher.path) or use loss 'ce'")
+        if cfg.logit_chunk < 0:
+            raise ConfigError(f"stages.{cfg.name}.logit_chunk={cfg.logit_chunk}; use a positive number of positions per chunk, or 0 for unchunked logits")
+        if cfg.logit_chunk:
+            for model, what in ((student, "student"), (teacher if logit_loss.needs_teacher else None, "teacher")):
+                if model is not None and not all(hasattr(model, a) for a in ("norm", "lm_head_weight", "config")):
+                    raise ConfigError(f"stages.{cfg.name}.logit_chunk={cfg.logit_chunk} needs a DecoderLM {what} (final `norm`, "
+                                      f"`lm_head_weight()`); this {what} is a {type(model).__name__}: set logit_chunk=0")
     return Stage(
         name=cfg.name, type=cfg.type, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, cfg=cfg, layers=layers, logit_loss=logit_loss
     )
