@@ -1,6 +1,7 @@
 """One distillation step (teacher forward + student forward and backward + AdamW) through the real trainer.
 
     python scripts/bench_distill_step.py --out=DIR                  # Qwen3-0.6B teacher -> Hybrid-KDA, seq 4096
+    python scripts/bench_distill_step.py --out=DIR --logit_chunk=0  # the same with unchunked [B, T, V] logits
     python scripts/bench_distill_step.py --tiny --seq_len=128       # CPU smoke run of the same code
 
 The teacher is built from the Qwen3-0.6B config (random weights; speed does not depend on
@@ -11,6 +12,11 @@ random tokens; tokens/s comes from the trainer's own metrics after the first log
 + backward), 2 per teacher parameter-token, causal attention 4·h·hd·T/2 per token per layer
 (x3 for the student), and the chunked KDA recurrence (per head and token, forward:
 2·(2·C·K + 2·C·V + 4·K·V), x3 with backward).
+
+The stage's logit loss runs fused with both lm_heads, `--logit_chunk` positions at a time
+(`stages.*.logit_chunk`; 0 = materialise [B, T, V] float32 logits for teacher and student). It
+forms the student's lm_head gradient inside the forward scan, so it adds no FLOPs to the count
+above; peak memory is the process's peak (run one setting per process to compare).
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--log_every", type=int, default=3)
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--logit_chunk", type=int, default=1024, help="positions per fused lm_head+loss chunk; 0 = unchunked")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     import jax
@@ -103,7 +110,7 @@ def main():
     config.train.compute_dtype, config.train.remat = compute, args.remat
     config.train.log_every, config.train.checkpoint_every = args.log_every, 10 ** 9
     config.train.progress, config.train.tensorboard = False, False
-    config.stages.kd = stage_config(type="logit_kd", steps=args.steps, lr=1e-5)
+    config.stages.kd = stage_config(type="logit_kd", steps=args.steps, lr=1e-5, logit_chunk=args.logit_chunk)
     config.stage_order = "kd"
     workdir = tempfile.mkdtemp(prefix="bench_distill_")
     Trainer(config, student, teacher=teacher, workdir=workdir,
@@ -115,6 +122,7 @@ def main():
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     stats = jax.devices()[0].memory_stats() or {}
     result = dict(device=kind, jax=jax.__version__, batch=args.batch, seq_len=args.seq_len, remat=args.remat,
+                  logit_chunk=args.logit_chunk,
                   tokens_per_s=tps, achieved_tflops=flops / 1e12, mfu=(flops / peak) if peak else None,
                   peak_memory_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None, layer_spec=spec)
     os.makedirs(args.out, exist_ok=True)
