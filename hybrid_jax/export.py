@@ -8,8 +8,10 @@
 * a Hugging Face directory (config.json + safetensors), re-exported (e.g. to another dtype or shard size).
 
 Students are written in the "hybrid_qwen3" format (docs/export.md): loadable by `hj.load_pretrained` and by
-`transformers.AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)`. The output directory is
-written atomically (a temporary directory renamed at the end).
+`transformers.AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)`. `--layout=efficient_qwen`
+writes the seed paper's released layout instead (loadable by its `gen_distill` package and by
+`hj.load_pretrained`); models only that layout holds (e.g. an imported efficient_qwen checkpoint) get it by
+default. The output directory is written atomically (a temporary directory renamed at the end).
 """
 
 from __future__ import annotations
@@ -63,8 +65,11 @@ def load_workdir_student(workdir, step: int | None = None):
 
 
 def export(checkpoint, out, *, step: int | None = None, dtype: str | None = None,
-           max_shard_size: int | None = None, print_fn=print) -> Path:
-    """Write the HF directory `out` from a distillation workdir or an HF directory; returns `out`."""
+           max_shard_size: int | None = None, layout: str | None = None, print_fn=print) -> Path:
+    """Write the HF directory `out` from a distillation workdir or an HF directory; returns `out`.
+
+    layout: None (chosen from the model), "hybrid_qwen3" or "efficient_qwen" (see `hj.save_pretrained`).
+    """
     import hybrid_jax as hj
     from hybrid_jax.convert.hf_export import MAX_SHARD_SIZE
     from hybrid_jax.convert.hf_import import load_tokenizer
@@ -90,7 +95,7 @@ def export(checkpoint, out, *, step: int | None = None, dtype: str | None = None
     if tokenizer is None:
         print_fn(f"export: no tokenizer found beside {src}; the directory is written without one")
     path = hj.save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype,
-                              max_shard_size=max_shard_size or MAX_SHARD_SIZE)
+                              max_shard_size=max_shard_size or MAX_SHARD_SIZE, layout=layout)
     print_fn(f"exported {origin} -> {path}")
     return path
 
@@ -100,7 +105,8 @@ def main(argv):
 
     del argv
     f = flags.FLAGS
-    export(f.checkpoint, f.out, step=f.step, dtype=f.dtype, max_shard_size=f.max_shard_size)
+    export(f.checkpoint, f.out, step=f.step, dtype=f.dtype, max_shard_size=f.max_shard_size,
+           layout=None if f.layout == "auto" else f.layout)
 
 
 if __name__ == "__main__":
@@ -112,4 +118,7 @@ if __name__ == "__main__":
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Tensor dtype in the files "
                       "(default: the model's parameter dtype).")
     flags.DEFINE_integer("max_shard_size", None, "Bytes per safetensors shard (default 5e9).")
+    flags.DEFINE_enum("layout", "auto", ["auto", "hybrid_qwen3", "efficient_qwen"], "Directory layout: auto "
+                      "(Qwen3 for all-attention models, hybrid_qwen3 for students, efficient_qwen for models only it "
+                      "holds) or one by name; efficient_qwen is the seed paper's released layout.")
     app.run(main)

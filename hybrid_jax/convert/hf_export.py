@@ -4,6 +4,11 @@ Writes config.json, safetensors shards of at most `max_shard_size` bytes (with
 model.safetensors.index.json when there is more than one), generation_config.json and the
 tokenizer. Everything is written into a temporary sibling directory that is renamed onto
 `out_dir` at the end, so a failure never leaves a half-written model.
+
+Layouts: teacher-shaped models are written as plain Qwen3, students as "hybrid_qwen3"
+(convert/hybrid_hf.py), and students whose KDA layers use the seed paper's options (identity
+conv activation, conv / gate biases, GQA, no output norm) as "efficient_qwen"
+(convert/efficient_qwen.py); `layout=` picks one by name.
 """
 
 from __future__ import annotations
@@ -23,15 +28,23 @@ from hybrid_jax.convert.hf_import import EXPORT_FORMATS, hf_key_map
 MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' default "5GB"
 
 
-def _hf_config(model) -> tuple[dict, dict[str, bytes]]:
-    """(config.json dict, extra files) from the first registered export format that applies, else Qwen3's."""
-    for fmt in EXPORT_FORMATS:
-        if fmt.applies(model):
-            return fmt.config(model), fmt.files()
+def _hf_format(model, layout: str | None):
+    """(config.json dict, extra files, key map): the format named `layout`, else the first registered format
+    that applies, else Qwen3's."""
+    if layout is not None:
+        named = {f.name: f for f in EXPORT_FORMATS if f.name}
+        if layout not in named:
+            raise ValueError(f"save_pretrained: layout={layout!r} is unknown; use None (chosen from the model) or "
+                             f"one of {sorted(named)}")
+        fmt = named[layout]
+    else:
+        fmt = next((f for f in EXPORT_FORMATS if f.applies(model)), None)
+    if fmt is not None:
+        return fmt.config(model), fmt.files(), (fmt.key_map or hf_key_map)(model)
     to_hf = getattr(model.config, "to_hf", None)
     if to_hf is None:
         raise TypeError(f"save_pretrained: {type(model.config).__name__} has no to_hf(); cannot write config.json")
-    return to_hf(), {}
+    return to_hf(), {}, hf_key_map(model)
 
 
 def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
@@ -49,18 +62,20 @@ def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
 
 
 def save_pretrained(model, out_dir, tokenizer=None, *, dtype: str | None = None,
-                    max_shard_size: int = MAX_SHARD_SIZE) -> Path:
-    """Export `model` to an HF directory loadable by `transformers.AutoModelForCausalLM.from_pretrained`.
+                    max_shard_size: int = MAX_SHARD_SIZE, layout: str | None = None) -> Path:
+    """Export `model` to an HF directory loadable by `transformers.AutoModelForCausalLM.from_pretrained`
+    (the "efficient_qwen" layout: by the seed paper's own `gen_distill` package).
 
     dtype: tensor dtype in the files (default: the model's param_dtype).
+    layout: None (chosen from the model: "qwen3", "hybrid_qwen3" or "efficient_qwen"), "hybrid_qwen3" or
+      "efficient_qwen"; a layout that cannot hold the model raises naming the layer and setting.
     """
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    config, extra_files = _hf_config(model)
+    config, extra_files, table = _hf_format(model, layout)
     dtype = dtype or model.config.param_dtype
     config["torch_dtype"] = dtype
-    table = hf_key_map(model)
     # Tensors stored in the model's param_dtype are written in `dtype`; parameters a layer always keeps
     # in float32 (KDA's A_log / dt_bias, the TTT memory's fast weights and biases) stay float32.
     model_pdt = jnp.dtype(model.config.param_dtype)

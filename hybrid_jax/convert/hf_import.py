@@ -7,6 +7,8 @@ one at a time through a key-mapping table, so peak host memory stays near one mo
 
 Extending: `register_model_type` adds a config class + builder for a new `model_type`, and
 `register_mixer_keys` maps a new mixer class's parameters to HF keys; export uses the same table.
+A layout with other key names (the seed paper's "efficient_qwen", convert/efficient_qwen.py) gives
+its ModelType / ExportFormat its own `key_map`.
 """
 
 from __future__ import annotations
@@ -102,12 +104,20 @@ def _attention_keys(m: Attention, prefix: str) -> KeyMap:
 register_mixer_keys(Attention, _attention_keys)
 
 
-def hf_key_map(model: DecoderLM) -> KeyMap:
-    """Every parameter of a DecoderLM with its HF key and layout transform."""
+def hf_key_map(model: DecoderLM, mixer_keys: Mapping[type, Callable[[nnx.Module, str], KeyMap]] | None = None,
+               layout: str | None = None) -> KeyMap:
+    """Every parameter of a DecoderLM with its HF key and layout transform.
+
+    mixer_keys: per mixer class, its keys in another layout (named `layout` in errors); default: the
+    registered hybrid_qwen3 / Qwen3 table. Embeddings, MLPs, norms and lm_head are the same in every layout.
+    """
     keys: KeyMap = {"model.embed_tokens.weight": (model.embed, Copy())}
     for i, block in enumerate(model.blocks):
         prefix = f"model.layers.{i}."
-        fn = _MIXER_KEYS.get(type(block.mixer))
+        fn = (_MIXER_KEYS if mixer_keys is None else mixer_keys).get(type(block.mixer))
+        if fn is None and mixer_keys is not None:
+            raise CheckpointError(f"layer {i}: the {layout} layout has no keys for a {type(block.mixer).__name__} "
+                                  f"mixer; it holds {', '.join(sorted(c.__name__ for c in mixer_keys))} layers only")
         if fn is None:
             raise CheckpointError(f"layer {i}: no HF key mapping for mixer {type(block.mixer).__name__}; "
                                   "register one with hybrid_jax.convert.hf_import.register_mixer_keys")
@@ -131,6 +141,7 @@ class ModelType:
     config_from_hf: Callable[..., Any]  # (config.json dict, dtype=..., param_dtype=...) -> config
     build: Callable[..., nnx.Module]  # (config, rngs=..., generation_config=...) -> model
     ignorable_keys: Callable[[Any], set[str]] = lambda config: set()
+    key_map: Callable[[nnx.Module], KeyMap] | None = None  # None: hf_key_map
 
 
 MODEL_TYPES: dict[str, ModelType] = {}
@@ -142,11 +153,17 @@ def register_model_type(model_type: str, spec: ModelType) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ExportFormat:
-    """How `save_pretrained` writes a model that `applies(model)` (default: Qwen3's `config.to_hf()`)."""
+    """How `save_pretrained` writes a model that `applies(model)` (default: Qwen3's `config.to_hf()`).
+
+    `save_pretrained(..., layout=name)` picks a format by name whether or not it applies; its `config`
+    then raises when the model cannot be written in that layout.
+    """
 
     applies: Callable[[nnx.Module], bool]
     config: Callable[[nnx.Module], dict]  # the config.json dict
     files: Callable[[], dict[str, bytes]] = dict  # extra files (e.g. remote-code modeling files)
+    name: str | None = None  # the `layout=` name
+    key_map: Callable[[nnx.Module], KeyMap] | None = None  # None: hf_key_map
 
 
 EXPORT_FORMATS: list[ExportFormat] = []
@@ -265,7 +282,7 @@ def load_pretrained(path_or_hub_id, dtype: str = "float32", param_dtype: str | N
     gen = read_json(gen_path) if gen_path.is_file() else None
     model = nnx.eval_shape(lambda: spec.build(config, rngs=nnx.Rngs(0), generation_config=_gen_config(config, gen)))
 
-    table = hf_key_map(model)
+    table = (spec.key_map or hf_key_map)(model)
     files = weight_files(root)
     ignorable = spec.ignorable_keys(config)
     unexpected = sorted(k for k in files if k not in table and k not in ignorable)
@@ -319,6 +336,7 @@ def _gen_config(config, gen: Mapping | None) -> dict:
     return out
 
 
-# Student formats (model_type "hybrid_qwen3"): registers their mixer keys, model type and export format.
-# Imported last because it builds on the registries above.
+# Student formats (model_type "hybrid_qwen3", and the seed paper's "efficient_qwen"): register their mixer keys,
+# model types and export formats. Imported last because they build on the registries above.
+import hybrid_jax.convert.efficient_qwen  # noqa: E402,F401
 import hybrid_jax.convert.hybrid_hf  # noqa: E402,F401

@@ -120,8 +120,38 @@ def is_student(model) -> bool:
     return any(k != "attention" for k in layer_kinds(model))
 
 
+def kda_extra_options(mixer: KDA) -> dict[str, Any]:
+    """The KDA settings of the seed paper's EfficientKDA that `mixer` uses (empty for transformers' KDA).
+
+    The hybrid_qwen3 files (config.json and the PyTorch model) do not hold them; the efficient_qwen layout does.
+    """
+    out: dict[str, Any] = {}
+    if mixer.num_kv_heads != mixer.num_heads:
+        out["num_kv_heads"] = mixer.num_kv_heads
+    if mixer.conv_activation != "silu":
+        out["conv_activation"] = mixer.conv_activation
+    if mixer.q_conv_bias is not None:
+        out["conv_bias"] = True
+    if mixer.g_bias is not None:
+        out["output_gate_bias"] = True
+    if mixer.o_norm is None:
+        out["output_norm"] = False
+    return out
+
+
+def efficient_only_layers(model) -> dict[int, dict[str, Any]]:
+    """Layer index -> `kda_extra_options` of every KDA layer that uses some."""
+    return {i: opts for i, b in enumerate(model.blocks) if isinstance(b.mixer, KDA) and (opts := kda_extra_options(b.mixer))}
+
+
 def student_hf_config(model) -> dict[str, Any]:
     """config.json of a student: the Qwen3 fields plus the layer spec and per-layer mixer hyperparameters."""
+    extra = efficient_only_layers(model)
+    if extra:
+        i, opts = next(iter(extra.items()))
+        raise ValueError(f"save_pretrained: layer {i}'s KDA uses {opts} ({len(extra)} such layers), which the "
+                         "hybrid_qwen3 layout cannot hold; save with layout='efficient_qwen' (or layout=None, which "
+                         "picks it)")
     sc = student_config_dict(model)
     # Window, sinks and chunk sizes are plain attributes a trainer may change after building (AllMem's per-step
     # draws): the file records what the model computes now, not what it was built with.
@@ -199,5 +229,6 @@ def modeling_files() -> dict[str, bytes]:
     return {n: (MODELING_DIR / n).read_bytes() for n in MODELING_FILES}
 
 
-hf_import.register_export_format(hf_import.ExportFormat(applies=is_student, config=student_hf_config,
-                                                        files=modeling_files))
+hf_import.register_export_format(hf_import.ExportFormat(
+    applies=lambda model: is_student(model) and not efficient_only_layers(model), config=student_hf_config,
+    files=modeling_files, name=STUDENT_MODEL_TYPE))

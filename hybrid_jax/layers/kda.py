@@ -1,17 +1,24 @@
 """Kimi Delta Attention mixer (and its scalar-gate GDN ablation), following docs/architecture.md.
 
-    q, k, v = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v))       [B,T,H,hd]
+    q, k, v = act(conv(x W_q) + b_q), act(conv(x W_k) + b_k), act(conv(x W_v) + b_v)
     g       = -exp(A_log[h]) * softplus(f_up(f_down(x)) + dt_bias)            per channel (KDA)
             = -exp(A_log[h]) * softplus(x W_a + dt_bias)  broadcast over hd   per head    (GDN)
     beta    = sigmoid(x W_b)
     o       = chunk_kda(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)       (decode: fused_recurrent_kda)
-    y       = o_proj(RMSNorm_head(o) * sigmoid(g_up(g_down(x))))
+    y       = o_proj(RMSNorm_head(o) * sigmoid(g_up(g_down(x)) + b_g))
+
+Defaults (transformers' `KimiDeltaAttention`): act = silu, no conv biases b_q/b_k/b_v, no gate bias
+b_g, the per-head RMSNorm on, and H key/value heads. The seed paper's released `EfficientKDA`
+(checkpoint layout `efficient_qwen`, hybrid_jax/convert/efficient_qwen.py) is the same layer with
+`conv_activation="identity"`, `conv_bias=True`, `output_gate_bias=True`,
+`num_kv_heads=num_key_value_heads` (k/v projected to fewer heads, convolved, then each repeated to
+num_heads // num_kv_heads query heads, GQA) and, by default, `output_norm=False` (o * sigmoid(gate)).
 
 Parameter names and layouts mirror transformers' `KimiDeltaAttention` (q/k/v/o projections,
 f_a/f_b -> f_down/f_up, g_a/g_b -> g_down/g_up, A_log, dt_bias, b_proj, o_norm), stored
 head-split like the teacher's Attention: `[D, H, hd]` in, `[H, hd, D]` out.
 Cache: recurrent state [B,H,hd,hd] float32, the three conv states (last kernel-1 inputs and
-their segment ids), the last segment id per row and the token index.
+their segment ids; k/v with num_kv_heads heads), the last segment id per row and the token index.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from flax import nnx
 
 from hybrid_jax.layers.norms import RMSNorm
 from hybrid_jax.layers.params import param
-from hybrid_jax.layers.short_conv import ShortConv
+from hybrid_jax.layers.short_conv import ACTIVATIONS, ShortConv
 from pallas_kernels.kda import chunk_kda, fused_recurrent_kda, kda_gate
 
 
@@ -43,8 +50,10 @@ class KDA(nnx.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, gate: str = "channel",
                  conv_size: int = 4, conv_init: str = "identity", A_init_range=(1.0, 16.0),
                  dt_init_range=(1e-3, 1e-1), output_gate_init: str = "half", chunk_size: int = 64,
-                 norm_eps: float = 1e-6, backend: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
-                 init_std: float = 0.02, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, num_kv_heads: int | None = None, conv_activation: str = "silu",
+                 conv_bias: bool = False, output_gate_bias: bool = False, output_norm: bool = True,
+                 backend: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
+                 rngs: nnx.Rngs):
         if gate not in ("channel", "scalar"):
             raise ValueError(f"KDA: gate={gate!r}; use 'channel' (KDA) or 'scalar' (GDN)")
         if output_gate_init not in ("half", "random"):
@@ -55,22 +64,38 @@ class KDA(nnx.Module):
         dlo, dhi = dt_init_range
         if not 0 < dlo <= dhi:
             raise ValueError(f"KDA: dt_init_range={dt_init_range} must satisfy 0 < low <= high")
+        if conv_activation not in ACTIVATIONS:
+            raise ValueError(f"KDA: conv_activation={conv_activation!r}; use one of {sorted(ACTIVATIONS)}")
+        KH = num_heads if num_kv_heads is None else num_kv_heads
+        if not (isinstance(KH, int) and KH >= 1 and num_heads % KH == 0):
+            raise ValueError(f"KDA: num_kv_heads={num_kv_heads!r} must be a positive divisor of num_heads={num_heads} "
+                             "(or None for one key/value head per query head)")
         H, hd, D = num_heads, head_dim, hidden_size
         init = nnx.initializers.normal(init_std)
+        zeros = nnx.initializers.zeros
         self.mixer_kind = "kda" if gate == "channel" else "gdn"
         self.gate = gate
-        self.num_heads, self.head_dim = H, hd
+        self.num_heads, self.num_kv_heads, self.head_dim = H, KH, hd
+        self.conv_activation = conv_activation
         self.chunk_size = chunk_size
         self.backend = backend
         self.dtype = dtype
+        kv_axis = "heads" if KH == H else "kv_heads"
         self.q_proj = param(rngs, init, (D, H, hd), ("embed", "heads", "head_dim"), param_dtype)
-        self.k_proj = param(rngs, init, (D, H, hd), ("embed", "heads", "head_dim"), param_dtype)
-        self.v_proj = param(rngs, init, (D, H, hd), ("embed", "heads", "head_dim"), param_dtype)
+        self.k_proj = param(rngs, init, (D, KH, hd), ("embed", kv_axis, "head_dim"), param_dtype)
+        self.v_proj = param(rngs, init, (D, KH, hd), ("embed", kv_axis, "head_dim"), param_dtype)
 
-        def conv():
-            return ShortConv(H, hd, conv_size, init=conv_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        def conv(heads):
+            # The activation is applied here after the optional bias, so ShortConv returns the plain convolution.
+            return ShortConv(heads, hd, conv_size, activation="identity", init=conv_init, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
 
-        self.q_conv, self.k_conv, self.v_conv = conv(), conv(), conv()
+        def conv_b(heads, axis):
+            return param(rngs, zeros, (heads, hd), (axis, "head_dim"), param_dtype) if conv_bias else None
+
+        self.q_conv, self.k_conv, self.v_conv = conv(H), conv(KH), conv(KH)
+        self.q_conv_bias, self.k_conv_bias, self.v_conv_bias = conv_b(H, "heads"), conv_b(KH, kv_axis), conv_b(
+            KH, kv_axis)
         if gate == "channel":  # low-rank (rank hd) per-channel decay projection
             self.f_down = param(rngs, init, (D, hd), ("embed", None), param_dtype)
             self.f_up = param(rngs, init, (hd, H, hd), (None, "heads", "head_dim"), param_dtype)
@@ -88,7 +113,8 @@ class KDA(nnx.Module):
         # "half": g_up = 0, so the output gate sigmoid(g_up(g_down(x))) is exactly 0.5 at init.
         up_init = nnx.initializers.zeros if output_gate_init == "half" else init
         self.g_up = param(rngs, up_init, (hd, H, hd), (None, "heads", "head_dim"), param_dtype)
-        self.o_norm = RMSNorm(hd, eps=norm_eps, dtype=jnp.float32, param_dtype=param_dtype)
+        self.g_bias = param(rngs, zeros, (H, hd), ("heads", "head_dim"), param_dtype) if output_gate_bias else None
+        self.o_norm = RMSNorm(hd, eps=norm_eps, dtype=jnp.float32, param_dtype=param_dtype) if output_norm else None
         self.o_proj = param(rngs, init, (H, hd, D), ("heads", "head_dim", "embed"), param_dtype)
 
     def _w(self, p):
@@ -103,15 +129,26 @@ class KDA(nnx.Module):
         g = kda_gate(raw, self.A_log[...], self.dt_bias[...])
         return jnp.broadcast_to(g, (*g.shape[:-1], self.head_dim))
 
+    def _short_conv(self, name, x, segment_ids, c):
+        """act(conv(x W) + bias) for name in q/k/v, with the conv's new state and state segment ids."""
+        z = jnp.einsum("btd,dhk->bthk", x, self._w(getattr(self, f"{name}_proj")))
+        y, state, ids = getattr(self, f"{name}_conv")(z, segment_ids, c.get(f"{name}_conv"), c.get("conv_segment_ids"))
+        bias = getattr(self, f"{name}_conv_bias")
+        if bias is not None:
+            y = y + self._w(bias)
+        return ACTIVATIONS[self.conv_activation](y), state, ids
+
     def __call__(self, x, *, positions, segment_ids, cache=None):
         del positions  # KDA has no positional encoding
         x = x.astype(self.dtype)
         b, t, _ = x.shape
         c = cache or {}
-        proj = lambda w: jnp.einsum("btd,dhk->bthk", x, self._w(w))
-        q, q_state, q_ids = self.q_conv(proj(self.q_proj), segment_ids, c.get("q_conv"), c.get("conv_segment_ids"))
-        k, k_state, _ = self.k_conv(proj(self.k_proj), segment_ids, c.get("k_conv"), c.get("conv_segment_ids"))
-        v, v_state, _ = self.v_conv(proj(self.v_proj), segment_ids, c.get("v_conv"), c.get("conv_segment_ids"))
+        q, q_state, q_ids = self._short_conv("q", x, segment_ids, c)
+        k, k_state, _ = self._short_conv("k", x, segment_ids, c)
+        v, v_state, _ = self._short_conv("v", x, segment_ids, c)
+        if self.num_kv_heads != self.num_heads:  # GQA: query head h reads key/value head h // groups
+            groups = self.num_heads // self.num_kv_heads
+            k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         g = self.log_decay(x)
         beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, self._w(self.b_proj)).astype(jnp.float32))
         state = None
@@ -124,7 +161,12 @@ class KDA(nnx.Module):
                       use_qk_l2norm_in_kernel=True, segment_ids=segment_ids, chunk_size=self.chunk_size,
                       backend=self.backend)
         gate = jnp.einsum("btr,rhk->bthk", x @ self._w(self.g_down), self._w(self.g_up))
-        o = self.o_norm(o.astype(jnp.float32)) * jax.nn.sigmoid(gate.astype(jnp.float32))
+        if self.g_bias is not None:
+            gate = gate + self._w(self.g_bias)
+        o = o.astype(jnp.float32)
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        o = o * jax.nn.sigmoid(gate.astype(jnp.float32))
         y = jnp.einsum("bthk,hkd->btd", o.astype(self.dtype), self._w(self.o_proj))
         if cache is None:
             return y, None
@@ -137,12 +179,12 @@ class KDA(nnx.Module):
 
     def init_cache(self, batch_size: int, max_length: int, dtype) -> dict[str, jax.Array]:
         del max_length  # constant-size state
-        H, hd = self.num_heads, self.head_dim
+        H, KH, hd = self.num_heads, self.num_kv_heads, self.head_dim
         ks = self.q_conv.kernel_size
-        conv = jnp.zeros((batch_size, ks - 1, H, hd), self.dtype)
+        conv = lambda heads: jnp.zeros((batch_size, ks - 1, heads, hd), self.dtype)
         return {
             "state": jnp.zeros((batch_size, H, hd, hd), jnp.float32),
-            "q_conv": conv, "k_conv": conv, "v_conv": conv,
+            "q_conv": conv(H), "k_conv": conv(KH), "v_conv": conv(KH),
             "conv_segment_ids": jnp.full((batch_size, ks - 1), -1, jnp.int32),
             "segment_id": jnp.full((batch_size,), -1, jnp.int32),
             "index": jnp.zeros((), jnp.int32),
