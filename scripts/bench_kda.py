@@ -153,7 +153,7 @@ def run_fla(shape, iters):
 
 
 def breakdown(shape, iters, variants):
-    """Time each Pallas kernel alone (fwd: intra, state; bwd: state, intra) per variant."""
+    """Time each Pallas kernel alone (fwd: intra, state, out; bwd: state, intra) per variant."""
     import jax
     import jax.numpy as jnp
 
@@ -164,35 +164,42 @@ def breakdown(shape, iters, variants):
     bf = jnp.bfloat16
     q, k = (jnp.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True), bf) for x in (q, k))
     v, dov = jnp.asarray(v, bf), jnp.asarray(do, bf)
-    C = 64
-    G = jnp.cumsum(jnp.asarray(g).reshape(B, T // C, C, H, K), axis=2).reshape(B, T, H, K)
     beta = jnp.asarray(beta)
     m = jnp.zeros((B, T), jnp.float32)
     s0 = jnp.zeros((B, H, K, V), jnp.float32)
     for kw in variants:
-        cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
-                      bv=kw.get("bv", 64), bk=kw.get("bk", 32),
-                      warps_intra=kw.get("wi", 4), warps_state=kw.get("ws", 4),
-                      stages=kw.get("st", 1), mm=kw.get("mm", "tf32"))
-        intra = jax.jit(lambda *a, cfg=cfg: cg._intra_fwd(*a, cfg))
-        w, u, p = intra(q, k, v, G, beta, m, m)
-        state = jax.jit(lambda *a, cfg=cfg: cg._state_fwd(*a, cfg, bf))
-        o, h, sT = state(q, k, G, m, m, w, u, p, s0)
-        sbwd = jax.jit(lambda *a, cfg=cfg: cg._state_bwd(*a, cfg))
-        outs = sbwd(q, k, G, m, m, w, u, p, h, dov, s0)
-        du, dw, dp, dqg, dkd, dgl, _ = outs
-        dw, dp, dqg, dkd, dgl = (x.sum(0) for x in (dw, dp, dqg, dkd, dgl))
-        ibwd = jax.jit(lambda *a, cfg=cfg: cg._intra_bwd(*a, cfg))
         row = dict(variant=kw, shape=shape)
-        for name, fn, args in (
-                ("intra_fwd", intra, (q, k, v, G, beta, m, m)),
-                ("state_fwd", state, (q, k, G, m, m, w, u, p, s0)),
-                ("state_bwd", sbwd, (q, k, G, m, m, w, u, p, h, dov, s0)),
-                ("intra_bwd", ibwd, (q, k, v, G, beta, m, m, m, dw, du, dp, dqg, dkd, dgl))):
-            try:
+        try:
+            C = kw.get("C", 64)
+            G = jnp.cumsum(jnp.asarray(g).reshape(B, T // C, C, H, K), axis=2).reshape(B, T, H, K)
+            cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
+                          bv=kw.get("bv", 64), bk=kw.get("bk", 32),
+                          warps_intra=kw.get("wi", 4), warps_state=kw.get("ws", 4),
+                          stages=kw.get("st", 1), mm=kw.get("mm", "tf32"))
+            intra = jax.jit(lambda *a, cfg=cfg: cg._intra_fwd(*a, cfg))
+            w, u, p, kd = intra(q, k, v, G, beta, m, m, m)
+            state = jax.jit(lambda *a, cfg=cfg: cg._state_fwd(*a, cfg))
+            h, vn, sT = state(G, m, w, u, kd, s0)
+            out = jax.jit(lambda *a, cfg=cfg: cg._out_fwd(*a, cfg, bf))
+            sbwd = jax.jit(lambda *a, cfg=cfg: cg._state_bwd(*a, cfg))
+            du, dw, dp, dqg, dkd, dgl, _ = jax.eval_shape(sbwd, q, k, G, m, m, w, u, p, h,
+                                                          dov, s0)
+            if not kw.get("fwd_only"):
+                du, dw, dp, dqg, dkd, dgl, _ = sbwd(q, k, G, m, m, w, u, p, h, dov, s0)
+                dw, dp, dqg, dkd, dgl = (x.sum(0) for x in (dw, dp, dqg, dkd, dgl))
+            ibwd = jax.jit(lambda *a, cfg=cfg: cg._intra_bwd(*a, cfg))
+            for name, fn, args in (
+                    ("intra_fwd", intra, (q, k, v, G, beta, m, m, m)),
+                    ("state_fwd", state, (G, m, w, u, kd, s0)),
+                    ("out_fwd", out, (q, G, m, p, h, vn)),
+                    ("state_bwd", sbwd, (q, k, G, m, m, w, u, p, h, dov, s0)),
+                    ("intra_bwd", ibwd, (q, k, v, G, beta, m, m, m, dw, du, dp, dqg, dkd,
+                                         dgl))):
+                if kw.get("fwd_only") and name.endswith("_bwd"):
+                    continue
                 row[name + "_ms"] = round(time_jax(fn, args, iters)[0] * 1e3, 3)
-            except Exception as e:
-                row[name + "_err"] = str(e)[:200]
+        except Exception as e:  # e.g. a variant over the shared-memory limit
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         print(json.dumps(row), flush=True)
 
 

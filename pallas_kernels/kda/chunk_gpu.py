@@ -118,12 +118,6 @@ class _Chunk:
         r = _f32(self.g[pl.ds(j * BC + BC - 1, 1), :])  # [1, K]
         return jnp.exp(_blk(self.g, i) - r), jnp.exp(r - _blk(self.g, j))
 
-    def diag_E(self, i, cols):
-        """E[t,j,d] = exp(G_td - G_jd) for j <= t, else 0 (masked before exp): [16,16,bk]."""
-        G = _blk(self.g, i, cols)
-        tri = _tri(BC, strict=False)[:, :, None]
-        return jnp.exp(jnp.where(tri, G[:, None, :] - G[None, :, :], -jnp.inf))
-
 
 def _ktiles(K, bk, body, init):
     """fori_loop over K tiles of width bk (a loop, not unrolled, to keep the IR small)."""
@@ -132,17 +126,34 @@ def _ktiles(K, bk, body, init):
     return lax.fori_loop(0, K // bk, step, init)
 
 
+def _diag_rows(ch, i, cols, want_p):
+    """Diagonal block (A_ii, P_ii) of one K tile by a loop over the key row j: [16,bk] tiles."""
+    G, k = _blk(ch.g, i, cols), _blk(ch.k, i, cols)
+    q = _blk(ch.q, i, cols) if want_p else None
+    row = lax.broadcasted_iota(jnp.int32, G.shape, 0)
+    col = lax.broadcasted_iota(jnp.int32, (BC, BC), 1)
+
+    def body(j, acc):
+        a, p = acc
+        r = i * BC + j
+        ke = _f32(ch.k[pl.ds(r, 1), cols]) * jnp.exp(
+            jnp.where(row >= j, G - _f32(ch.g[pl.ds(r, 1), cols]), -jnp.inf))
+        a = a + jnp.where(col == j, jnp.sum(k * ke, axis=1, keepdims=True), 0.0)
+        if want_p:
+            p = p + jnp.where(col == j, jnp.sum(q * ke, axis=1, keepdims=True), 0.0)
+        return a, p
+
+    zero = jnp.zeros((BC, BC), jnp.float32)
+    return lax.fori_loop(0, BC, body, (zero, zero))
+
+
 def _pairwise(ch, nb, mm, want_p):
     """A (strictly lower) and P (lower) as dicts of 16x16 blocks {(i, j): block}, i >= j."""
     def diag_tile(cols, acc):
         out = []
         for i in range(nb):
-            E = ch.diag_E(i, cols)
-            k = _blk(ch.k, i, cols)
-            ke = k[None, :, :] * E
-            out.append(acc[2 * i] + jnp.sum(k[:, None, :] * ke, axis=-1))
-            out.append(acc[2 * i + 1] + jnp.sum(_blk(ch.q, i, cols)[:, None, :] * ke, axis=-1)
-                       if want_p else acc[2 * i + 1])
+            a, p = _diag_rows(ch, i, cols, want_p)
+            out += [acc[2 * i] + a, acc[2 * i + 1] + p]
         return tuple(out)
 
     zero = jnp.zeros((BC, BC), jnp.float32)
@@ -189,26 +200,130 @@ def _inverse(A, betas, nb):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref,
-                      w_ref, u_ref, p_ref, *, C, K, seg, bk, mm):
+def _iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _chunk_pairs(q_ref, k_ref, g_ref, *, C, K, bk, mm):
+    """A (k-k) and P (q-k) decayed products of one chunk as whole [C, C] matrices.
+
+    Off the diagonal 16-blocks, for each key block j the reference row r = G[last row of j]
+    factors exp(G_t - G_s) = exp(G_t - r) exp(r - G_s) (both <= 1 where kept, masked before
+    exp elsewhere): one [C,bk]x[bk,C] tensor-core product per key block. On the diagonal
+    blocks the 16 key rows of every block are handled together: step jj broadcasts row jj of
+    each block to that block's rows ([C,bk] tiles) and fills column 16*block + jj.
+    Returns A (strictly lower, diagonal entries not yet masked) and P (lower)."""
     nb = C // BC
-    ch = _Chunk(q_ref, k_ref, g_ref, run_ref, fs_ref, K, seg, bk)
-    A, P = _pairwise(ch, nb, mm, want_p=True)
-    betas = [_vec(b_ref, i) for i in range(nb)]
-    M = _inverse(A, betas, nb)
-    kg = [_blk(k_ref, j) * ch.gam(j) for j in range(nb)]
-    for i in range(nb):
-        w = jnp.zeros((BC, K), jnp.float32)
-        u = jnp.zeros((BC, v_ref.shape[-1]), jnp.float32)
-        for j in range(i + 1):
-            t = M[i, j] * betas[j][None, :]
-            w = w + _mm(t, kg[j], mm)
-            u = u + _mm(t, _blk(v_ref, j), mm)
-        w_ref[pl.ds(i * BC, BC), :] = w.astype(w_ref.dtype)
-        u_ref[pl.ds(i * BC, BC), :] = u.astype(u_ref.dtype)
-        for j in range(nb):
-            blk = P[i, j] if j <= i else jnp.zeros((BC, BC), jnp.float32)
-            p_ref[pl.ds(i * BC, BC), pl.ds(j * BC, BC)] = blk.astype(p_ref.dtype)
+    blk = _iota((C, bk), 0) // BC
+    rin = _iota((C, bk), 0) % BC
+    diag_col = (_iota((C, C), 0) // BC) * BC  # first column of the row's diagonal block
+    col = _iota((C, C), 1)
+
+    def tile(cols, acc):
+        A, P = acc
+        G, k, q = _f32(g_ref[:, cols]), _f32(k_ref[:, cols]), _f32(q_ref[:, cols])
+        for j in range(nb - 1):
+            r = _f32(g_ref[pl.ds(j * BC + BC - 1, 1), cols])
+            e_left = jnp.exp(jnp.where(blk > j, G - r, -jnp.inf))
+            right = k * jnp.exp(jnp.where(blk == j, r - G, -jnp.inf))
+            A = A + _mm_nt(k * e_left, right, mm)
+            P = P + _mm_nt(q * e_left, right, mm)
+
+        def row(jj, acc):
+            A, P = acc
+            Gj = jnp.zeros_like(G)
+            kj = jnp.zeros_like(G)
+            for i in range(nb):
+                Gj = jnp.where(blk == i, _f32(g_ref[pl.ds(i * BC + jj, 1), cols]), Gj)
+                kj = jnp.where(blk == i, _f32(k_ref[pl.ds(i * BC + jj, 1), cols]), kj)
+            ke = kj * jnp.exp(jnp.where(rin >= jj, G - Gj, -jnp.inf))
+            sel = col == diag_col + jj
+            A = A + jnp.where(sel, jnp.sum(k * ke, axis=1, keepdims=True), 0.0)
+            P = P + jnp.where(sel, jnp.sum(q * ke, axis=1, keepdims=True), 0.0)
+            return A, P
+
+        return lax.fori_loop(0, BC, row, (A, P))
+
+    zero = jnp.zeros((C, C), jnp.float32)
+    return _ktiles(K, bk, tile, (zero, zero))
+
+
+def _unit_lower_inverse(L, C, mm):
+    """(I + L)^-1 for strictly lower L [C,C], C <= 64, by matrix products only.
+
+    D = the diagonal 16-blocks of L: (I+D)^-1 = (I+N)(I+N^2)(I+N^4)(I+N^8), N = -D
+    (nilpotent of order 16). With F = (I+D)^-1 (L - D), block strictly lower over at most
+    4 blocks so F^4 = 0: (I+L)^-1 = (I+F)^-1 (I+D)^-1 = (I - F)(I + F^2) (I+D)^-1."""
+    eye = jnp.where(_iota((C, C), 0) == _iota((C, C), 1), 1.0, 0.0)
+    same_blk = (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
+    D = jnp.where(same_blk, L, 0.0)
+    n = -D
+    md = eye + n
+    for _ in range(3):
+        n = _mm(n, n, mm)
+        md = md + _mm(md, n, mm)
+    F = _mm(md, L - D, mm)
+    i_f = eye - F
+    return _mm(i_f + _mm(i_f, _mm(F, F, mm), mm), md, mm)
+
+
+def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
+                      w_ref, u_ref, p_ref, kd_ref, *, C, K, V, seg, bk, bv, mm):
+    A, P = _chunk_pairs(q_ref, k_ref, g_ref, C=C, K=K, bk=bk, mm=mm)
+    strict = _iota((C, C), 0) > _iota((C, C), 1)
+    A = jnp.where(strict, A, 0.0)
+    P = jnp.where(strict | (_iota((C, C), 0) == _iota((C, C), 1)), P, 0.0)
+    if seg:
+        run = _f32(run_ref[...])
+        same = run[:, None] == run[None, :]
+        A, P = jnp.where(same, A, 0.0), jnp.where(same, P, 0.0)
+    p_ref[...] = P
+    beta = _f32(b_ref[...])
+    T = _unit_lower_inverse(beta[:, None] * A, C, mm) * beta[None, :]
+    fs = _f32(fs_ref[...])[:, None] > 0 if seg else None
+    ls = _f32(ls_ref[...])[:, None] > 0 if seg else None
+
+    def k_tile(cols, carry):
+        G, k = _f32(g_ref[:, cols]), _f32(k_ref[:, cols])
+        Gl = _f32(g_ref[pl.ds(C - 1, 1), cols])
+        gam = jnp.exp(jnp.where(fs, G, -jnp.inf) if seg else G)
+        dec = jnp.exp(jnp.where(ls, Gl - G, -jnp.inf) if seg else Gl - G)
+        w_ref[:, cols] = _mm(T, k * gam, mm)
+        kd_ref[:, cols] = k * dec
+        return carry
+
+    def v_tile(cols, carry):
+        u_ref[:, cols] = _mm(T, v_ref[:, cols], mm)
+        return carry
+
+    _ktiles(K, bk, k_tile, 0)
+    _ktiles(V, bv, v_tile, 0)
+
+
+def _state_fwd_kernel(g_ref, fs_ref, w_ref, u_ref, kd_ref, s0_ref, h_ref, vn_ref, sT_ref,
+                      *, C, NT, seg, mm):
+    """The sequential part only: per chunk v_new = u - W S, S <- exp(G_C) S + kd^T v_new."""
+    def body(n, s):
+        t0 = pl.multiple_of(n * C, C)
+        h_ref[n] = s
+        vn = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w_ref[pl.ds(t0, C), :], s, mm)
+        vn_ref[pl.ds(t0, C), :] = vn
+        Gl = _f32(g_ref[pl.ds(t0 + C - 1, 1), :])  # [1, K]
+        if seg:
+            Gl = jnp.where(_f32(fs_ref[pl.ds(t0 + C - 1, 1)])[:, None] > 0, Gl, -jnp.inf)
+        return jnp.transpose(jnp.exp(Gl)) * s + _mm_tn(kd_ref[pl.ds(t0, C), :], vn, mm)
+
+    sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
+
+
+def _out_fwd_kernel(q_ref, g_ref, fs_ref, p_ref, h_ref, vn_ref, o_ref, *, seg, mm):
+    """o = (q * exp(G)) S_chunk + P v_new: independent per chunk."""
+    G = _f32(g_ref[...])
+    if seg:
+        G = jnp.where(_f32(fs_ref[...])[:, None] > 0, G, -jnp.inf)
+    qg = _f32(q_ref[...]) * jnp.exp(G)
+    o = _mm(qg, h_ref[...], mm) + _mm(p_ref[...], vn_ref[...], mm)
+    o_ref[...] = o.astype(o_ref.dtype)
 
 
 def _chunk_terms(q_ref, k_ref, g_ref, fs_ref, ls_ref, t0, C, seg):
@@ -227,20 +342,6 @@ def _chunk_terms(q_ref, k_ref, g_ref, fs_ref, ls_ref, t0, C, seg):
     qg = _f32(q_ref[pl.ds(t0, C), :]) * gam
     kd = _f32(k_ref[pl.ds(t0, C), :]) * kdec
     return qg, kd, gl
-
-
-def _state_fwd_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, w_ref, u_ref, p_ref, s0_ref,
-                      o_ref, h_ref, sT_ref, *, C, NT, seg, mm):
-    def body(n, s):
-        t0 = pl.multiple_of(n * C, C)
-        qg, kd, gl = _chunk_terms(q_ref, k_ref, g_ref, fs_ref, ls_ref, t0, C, seg)
-        h_ref[n] = s
-        u = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w_ref[pl.ds(t0, C), :], s, mm)
-        o = _mm(qg, s, mm) + _mm(p_ref[pl.ds(t0, C), :], u, mm)
-        o_ref[pl.ds(t0, C), :] = o.astype(o_ref.dtype)
-        return jnp.transpose(gl) * s + _mm_tn(kd, u, mm)
-
-    sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
 
 
 def _state_bwd_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, w_ref, u_ref, p_ref, h_ref,
@@ -265,6 +366,27 @@ def _state_bwd_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, w_ref, u_ref, p_ref, 
                 - _mm_tn(w, du, mm))
 
     ds0_ref[...] = lax.fori_loop(0, NT, body, _f32(dsT_ref[...]))
+
+
+def _diag_rows_bwd(ch, i, cols, G, q, k, dP, dA):
+    """Diagonal-block terms of the backward by a loop over the key row j ([16,bk] tiles):
+    rq_t = sum_j dP_tj k_j E_tj, rk_t = sum_j dA_tj k_j E_tj,
+    c_j = sum_t (dP_tj q_t + dA_tj k_t) E_tj, with E_tj = exp(G_t - G_j) for j <= t."""
+    row = lax.broadcasted_iota(jnp.int32, G.shape, 0)
+    col = lax.broadcasted_iota(jnp.int32, (BC, BC), 1)
+
+    def body(j, acc):
+        rq, rk, cj = acc
+        r = i * BC + j
+        e = jnp.exp(jnp.where(row >= j, G - _f32(ch.g[pl.ds(r, 1), cols]), -jnp.inf))
+        dp = jnp.sum(jnp.where(col == j, dP, 0.0), axis=1, keepdims=True)  # column j
+        da = jnp.sum(jnp.where(col == j, dA, 0.0), axis=1, keepdims=True)
+        ke = _f32(ch.k[pl.ds(r, 1), cols]) * e
+        c = jnp.sum((dp * q + da * k) * e, axis=0, keepdims=True)
+        return rq + dp * ke, rk + da * ke, cj + jnp.where(row == j, c, 0.0)
+
+    zero = jnp.zeros(G.shape, jnp.float32)
+    return lax.fori_loop(0, BC, body, (zero, zero, zero))
 
 
 def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
@@ -334,12 +456,7 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
             dk[i] = dkg * gam + dkd * dec
             dG[i] = dkg * k * gam + dqg * q * gam - dkd * kd
             last = last + jnp.sum(dkd * kd, axis=0, keepdims=True)
-            E = ch.diag_E(i, cols)  # diagonal block
-            ke = k[None, :, :] * E
-            rq = jnp.sum(dP[i, i][:, :, None] * ke, axis=1)  # sum_j dP[t,j] k_j E_tj
-            rk = jnp.sum(dA[i, i][:, :, None] * ke, axis=1)
-            cj = jnp.sum((dP[i, i][:, :, None] * q[:, None, :]
-                          + dA[i, i][:, :, None] * k[:, None, :]) * E, axis=0)
+            rq, rk, cj = _diag_rows_bwd(ch, i, cols, G, q, k, dP[i, i], dA[i, i])
             dq[i] = dq[i] + rq
             dk[i] = dk[i] + rk + cj
             dG[i] = dG[i] + q * rq + k * rk - k * cj
@@ -397,21 +514,24 @@ def _chunk_specs(C, K, V):
             pl.BlockSpec((None, C), lambda b, h, n: (b, n)))
 
 
-def _intra_fwd(q, k, v, G, beta, run, fs, cfg):
+def _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg):
+    """W, U, P and kd = k * exp(G_C - G) per chunk (parallel over chunks)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     C = cfg.C
     ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
-    kern = functools.partial(_intra_fwd_kernel, C=C, K=K, seg=cfg.seg, bk=cfg.bk,
-                             mm=cfg.mm)
+    kern = functools.partial(_intra_fwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk,
+                             bv=min(cfg.bv, V), mm=cfg.mm)
+    f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
-        in_specs=[ck, ck, cv, ck, cb, cm, cm], out_specs=[ck, cv, cp],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), jnp.float32),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), jnp.float32),
-                   jax.ShapeDtypeStruct((B, Tp, H, C), jnp.float32)],
+        in_specs=[ck, ck, cv, ck, cb, cm, cm, cm], out_specs=[ck, cv, cp, ck],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, C), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, K), f32)],
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
-    )(q, k, v, G, beta, run, fs)
+    )(q, k, v, G, beta, run, fs, ls)
 
 
 def _seq_specs(B, Tp, H, K, C, bv):
@@ -428,23 +548,39 @@ def _seq_specs(B, Tp, H, K, C, bv):
     )
 
 
-def _state_fwd(q, k, G, fs, ls, w, u, p, s0, cfg, out_dtype):
-    B, Tp, H, K = q.shape
+def _state_fwd(G, fs, w, u, kd, s0, cfg):
+    """Per-chunk entering states h, v_new and the final state (sequential over chunks)."""
+    B, Tp, H, K = G.shape
     V = u.shape[-1]
     C, bv = cfg.C, min(cfg.bv, V)
     NT = Tp // C
     sp = _seq_specs(B, Tp, H, K, C, bv)
     kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm)
+    f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, V // bv),
-        in_specs=[sp["k"], sp["k"], sp["k"], sp["m"], sp["m"], sp["k"], sp["v"], sp["p"],
-                  sp["s"]],
-        out_specs=[sp["v"], sp["h"], sp["s"]],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
-                   jax.ShapeDtypeStruct((B, H, NT, K, V), jnp.float32),
-                   jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+        in_specs=[sp["k"], sp["m"], sp["k"], sp["v"], sp["k"], sp["s"]],
+        out_specs=[sp["h"], sp["v"], sp["s"]],
+        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), f32),
+                   jax.ShapeDtypeStruct((B, H, K, V), f32)],
         name="kda_state_fwd", **_params(cfg, cfg.warps_state),
-    )(q, k, G, fs, ls, w, u, p, s0)
+    )(G, fs, w, u, kd, s0)
+
+
+def _out_fwd(q, G, fs, p, h, vn, cfg, out_dtype):
+    B, Tp, H, K = q.shape
+    V = vn.shape[-1]
+    C = cfg.C
+    ck, cv, cp, _, cm = _chunk_specs(C, K, V)
+    ch = pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_out_fwd_kernel, seg=cfg.seg, mm=cfg.mm),
+        grid=(B, H, Tp // C),
+        in_specs=[ck, ck, cm, cp, ch, cv], out_specs=cv,
+        out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
+        name="kda_out_fwd", **_params(cfg, cfg.warps_intra),
+    )(q, G, fs, p, h, vn)
 
 
 def _state_bwd(q, k, G, fs, ls, w, u, p, h, do, dsT, cfg):
@@ -500,8 +636,9 @@ def _kda_core(q, k, v, G, beta, s0, run, fs, ls, cfg):
 
 
 def _core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
-    w, u, p = _intra_fwd(q, k, v, G, beta, run, fs, cfg)
-    return _state_fwd(q, k, G, fs, ls, w, u, p, s0, cfg, v.dtype)
+    w, u, p, kd = _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg)
+    h, vn, sT = _state_fwd(G, fs, w, u, kd, s0, cfg)
+    return _out_fwd(q, G, fs, p, h, vn, cfg, v.dtype), h, sT
 
 
 def _kda_core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
@@ -513,7 +650,7 @@ def _kda_core_bwd(cfg, res, cts):
     q, k, v, G, beta, run, fs, ls, h = res
     do, dsT = cts
     # Recompute W, U, P rather than keeping them from the forward pass.
-    w, u, p = _intra_fwd(q, k, v, G, beta, run, fs, cfg)
+    w, u, p, _ = _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg)
     du, dw, dp, dqg, dkd, dgl, ds0 = _state_bwd(q, k, G, fs, ls, w, u, p, h,
                                                 do.astype(v.dtype), dsT, cfg)
     dw, dp, dqg, dkd, dgl = (x.sum(0) for x in (dw, dp, dqg, dkd, dgl))
