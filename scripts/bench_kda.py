@@ -153,7 +153,7 @@ def run_fla(shape, iters):
 
 
 def breakdown(shape, iters, variants):
-    """Time each Pallas kernel alone (fwd: intra, state, out; bwd: state, intra) per variant."""
+    """Time each Pallas kernel alone (fwd: intra, state, out; bwd: prep, state, intra) per variant."""
     import jax
     import jax.numpy as jnp
 
@@ -181,20 +181,18 @@ def breakdown(shape, iters, variants):
             state = jax.jit(lambda *a, cfg=cfg: cg._state_fwd(*a, cfg))
             h, vn, sT = state(G, m, w, u, kd, s0)
             out = jax.jit(lambda *a, cfg=cfg: cg._out_fwd(*a, cfg, bf))
+            prep = jax.jit(lambda *a, cfg=cfg: cg._intra_prep_bwd(*a, cfg))
+            w, kd, qg, dvl = prep(q, k, G, beta, m, m, m, dov)
             sbwd = jax.jit(lambda *a, cfg=cfg: cg._state_bwd(*a, cfg))
-            du, dw, dp, dqg, dkd, dgl, _ = jax.eval_shape(sbwd, q, k, G, m, m, w, u, p, h,
-                                                          dov, s0)
-            if not kw.get("fwd_only"):
-                du, dw, dp, dqg, dkd, dgl, _ = sbwd(q, k, G, m, m, w, u, p, h, dov, s0)
-                dw, dp, dqg, dkd, dgl = (x.sum(0) for x in (dw, dp, dqg, dkd, dgl))
+            dh, dvn, _ = sbwd(G, m, w, kd, qg, dov, dvl, s0)
             ibwd = jax.jit(lambda *a, cfg=cfg: cg._intra_bwd(*a, cfg))
             for name, fn, args in (
                     ("intra_fwd", intra, (q, k, v, G, beta, m, m, m)),
                     ("state_fwd", state, (G, m, w, u, kd, s0)),
                     ("out_fwd", out, (q, G, m, p, h, vn)),
-                    ("state_bwd", sbwd, (q, k, G, m, m, w, u, p, h, dov, s0)),
-                    ("intra_bwd", ibwd, (q, k, v, G, beta, m, m, m, dw, du, dp, dqg, dkd,
-                                         dgl))):
+                    ("prep_bwd", prep, (q, k, G, beta, m, m, m, dov)),
+                    ("state_bwd", sbwd, (G, m, w, kd, qg, dov, dvl, s0)),
+                    ("intra_bwd", ibwd, (q, k, v, G, beta, m, m, m, dov, h, vn, dh, dvn))):
                 if kw.get("fwd_only") and name.endswith("_bwd"):
                     continue
                 row[name + "_ms"] = round(time_jax(fn, args, iters)[0] * 1e3, 3)
