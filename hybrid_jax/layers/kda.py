@@ -94,8 +94,8 @@ class KDA(nnx.Module):
             return param(rngs, zeros, (heads, hd), (axis, "head_dim"), param_dtype) if conv_bias else None
 
         self.q_conv, self.k_conv, self.v_conv = conv(H), conv(KH), conv(KH)
-        self.q_conv_bias, self.k_conv_bias, self.v_conv_bias = conv_b(H, "heads"), conv_b(KH, kv_axis), conv_b(
-            KH, kv_axis)
+        self.q_conv_bias = conv_b(H, "heads")
+        self.k_conv_bias, self.v_conv_bias = conv_b(KH, kv_axis), conv_b(KH, kv_axis)
         if gate == "channel":  # low-rank (rank hd) per-channel decay projection
             self.f_down = param(rngs, init, (D, hd), ("embed", None), param_dtype)
             self.f_up = param(rngs, init, (hd, H, hd), (None, "heads", "head_dim"), param_dtype)
