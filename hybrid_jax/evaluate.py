@@ -46,7 +46,10 @@ def evaluate(config, checkpoint: str, out: str | None = None, print_fn=print) ->
         models["teacher"] = hj.load_pretrained(t_path, dtype=config.teacher.dtype)
     models["student" if models else "model"] = hj.load_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    results = evaluate_models(models, tokenizer, config.eval, log=print_fn)
+    from hybrid_jax.data import microworld
+
+    world = microworld.World(microworld.data_world(config.data))  # the world the run trained on
+    results = evaluate_models(models, tokenizer, config.eval, world=world, log=print_fn)
     out = out or os.path.join(os.path.dirname(os.path.abspath(model_dir)), "eval")
     paths = write_report(results, out)
     print_fn(results["table"])

@@ -116,7 +116,11 @@ def run(config, workdir: str, print_fn=print) -> dict:
         print_fn(f"stage {name}: loss {s['first_loss']:.4g} -> {s['last_loss']:.4g} over {s['steps']} steps")
     out = {"summary": summary}
     if config.eval.enabled:
-        results = evaluate_models({"teacher": teacher, "student": student}, tokenizer, config.eval, log=print_fn)
+        from hybrid_jax.data import microworld
+
+        world = microworld.World(microworld.data_world(config.data))  # the world the run trained on
+        results = evaluate_models({"teacher": teacher, "student": student}, tokenizer, config.eval, world=world,
+                                  log=print_fn)
         paths = write_report(results, os.path.join(workdir, "eval"))
         print_fn(results["table"])
         print_fn(f"evaluation written to {paths['markdown']}")

@@ -40,6 +40,13 @@ _KDA_DEFAULTS = dict(
     output_gate_init="half",  # "half": g_up = 0 so sigmoid(gate) = 0.5 exactly; "random"
     chunk_size=64,
     backend="auto",
+    # Options of the seed paper's released KDA layer (docs/export.md, efficient_qwen); the
+    # defaults are this project's layer.
+    num_kv_heads=None,  # None: as many k/v heads as query heads; else GQA k/v, repeated
+    conv_activation="silu",  # "silu" or "identity" after the short convolutions
+    conv_bias=False,
+    output_gate_bias=False,
+    output_norm=True,  # gated RMSNorm on the output; False: o * sigmoid(gate)
 )
 
 DEFAULT_MIXER_CONFIG: dict[str, dict[str, Any]] = {
@@ -143,8 +150,13 @@ def _repeat_kv(w: jax.Array, groups: int) -> jax.Array:
 
 
 def _init_qkvo_from_attention(mixer, attn: Attention) -> None:
-    """A mixer with query-head-count q/k/v [D,H,hd] and o [H,hd,D] takes the teacher's projections."""
-    groups = attn.num_heads // attn.num_kv_heads
+    """A mixer with q [D,H,hd], k/v [D,KH,hd] and o [H,hd,D] takes the teacher's projections:
+    the teacher's k/v heads repeated to KH heads (KH a multiple of the teacher's k/v heads)."""
+    kv_heads = mixer.k_proj[...].shape[1]
+    if kv_heads % attn.num_kv_heads:
+        raise ConfigError(f"cannot initialise {kv_heads} k/v heads from the teacher's {attn.num_kv_heads}: "
+                          "use a multiple of the teacher's num_key_value_heads, or init='random'")
+    groups = kv_heads // attn.num_kv_heads
     _set(mixer.q_proj, attn.q_proj[...])
     _set(mixer.k_proj, _repeat_kv(attn.k_proj[...], groups))
     _set(mixer.v_proj, _repeat_kv(attn.v_proj[...], groups))

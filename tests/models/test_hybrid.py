@@ -172,6 +172,27 @@ def test_config_round_trip(teacher):
                                   np.asarray(_forward(student, ids, None, None)))
 
 
+def test_gqa_kda_student_takes_the_teachers_kv_heads_and_round_trips(teacher):
+    """A KDA layer with the teacher's k/v head count (the released layer's GQA option) copies
+    the teacher's k/v unrepeated; its settings survive student_config_dict."""
+    mixers = {"kda": {**FAST["kda"], "num_kv_heads": CFG.num_key_value_heads, "conv_activation": "identity",
+                      "conv_bias": True, "output_norm": False}}
+    student = build_student(teacher, "attention:0;kda:1,2", mixers)
+    for i in (1, 2):
+        m, a = student.blocks[i].mixer, teacher.blocks[i].mixer
+        np.testing.assert_array_equal(np.asarray(m.k_proj[...]), np.asarray(a.k_proj[...]))
+        np.testing.assert_array_equal(np.asarray(m.v_proj[...]), np.asarray(a.v_proj[...]))
+    cfg = json.loads(json.dumps(student_config_dict(student)))
+    assert cfg["layers"][1]["num_kv_heads"] == CFG.num_key_value_heads and cfg["layers"][1]["output_norm"] is False
+    clone = build_student_from_config(cfg, rngs=nnx.Rngs(3))
+    nnx.update(clone, nnx.state(student))
+    ids = jnp.arange(8)[None] % CFG.vocab_size
+    np.testing.assert_array_equal(np.asarray(_forward(clone, ids, None, None)),
+                                  np.asarray(_forward(student, ids, None, None)))
+    with pytest.raises(ConfigError, match="multiple of the teacher"):
+        build_student(teacher, "attention:0;kda:1,2", {"kda": {**FAST["kda"], "num_kv_heads": 1}})
+
+
 def test_presets(teacher):
     import hybrid_jax as hj
     from hybrid_jax.config import parse_layer_spec
