@@ -43,21 +43,14 @@ def _write_all_formats(records, tmp_path):
     ar = tmp_path / "d.array_record"
     sources.write_array_record(str(ar), records)
     specs = [{"kind": "jsonl", "path": str(jsonl)}, {"kind": "array_record", "path": str(ar)}]
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    import datasets  # the dev extras install pyarrow and datasets: every format is checked
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet", row_group_size=7)
-        specs.append({"kind": "parquet", "path": str(tmp_path / "d.parquet")})
-    except ImportError:
-        pass
-    try:
-        import datasets
-
-        datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
-        specs.append({"kind": "hf_disk", "path": str(tmp_path / "hf")})
-    except ImportError:
-        pass
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet", row_group_size=7)
+    specs.append({"kind": "parquet", "path": str(tmp_path / "d.parquet")})
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
+    specs.append({"kind": "hf_disk", "path": str(tmp_path / "hf")})
     return specs
 
 
@@ -65,16 +58,11 @@ def _write_all_formats(records, tmp_path):
 def test_every_source_gives_identical_examples(tmp_path_factory, tmp_path, task):
     records = microworld.World().task(task)
     specs = _write_all_formats(records, tmp_path) + [{"kind": "microworld", "task": task}]
-    try:  # TFDS too where tensorflow-datasets is installed (not on the GPU machine)
-        from hybrid_jax.data import tfds_builders
+    from hybrid_jax.data import tfds_builders
 
-        specs.append({"kind": "tfds", "name": f"microworld/{task}",
-                      "data_dir": str(tmp_path_factory.mktemp("tfds")),
-                      "split": tfds_builders.task_split(task)})
-    except ImportError:
-        pass
-    kinds = [s["kind"] for s in specs]
-    assert {"jsonl", "array_record", "microworld"} <= set(kinds)
+    specs.append({"kind": "tfds", "name": f"microworld/{task}", "data_dir": str(tmp_path_factory.mktemp("tfds")),
+                  "split": tfds_builders.task_split(task)})
+    assert {s["kind"] for s in specs} == {"jsonl", "array_record", "parquet", "hf_disk", "microworld", "tfds"}
     for spec in specs:
         src = sources.open_source(spec)
         assert [src[i] for i in range(len(src))] == records, spec["kind"]
