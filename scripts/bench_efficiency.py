@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,18 +30,24 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 def build_models(shape: dict, dtype: str, window: int, chunk: int):
+    import jax
     from flax import nnx
 
     import hybrid_jax as hj
     from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
 
+    t0 = time.perf_counter()
     teacher = Qwen3(Qwen3Config(**shape, dtype=dtype, param_dtype=dtype), rngs=nnx.Rngs(0))
+    jax.block_until_ready(nnx.state(teacher))
+    print(f"teacher built in {time.perf_counter() - t0:.1f} s", flush=True)  # a slow build shows in the log
     layers = shape["num_hidden_layers"]
     kept = [i for i in (0, 2, 6, 11, 13, 18, 21) if i < layers] or [0]
     spec = f"attention:{','.join(map(str, kept))};kda:{','.join(str(i) for i in range(layers) if i not in kept)}"
     kda = hj.build_student(teacher, spec)
     allmem = hj.build_student(teacher, f"allmem:0-{layers - 1}",
                               mixer_config={"allmem": dict(window=window, chunk_size=chunk)})
+    jax.block_until_ready((nnx.state(kda), nnx.state(allmem)))
+    print(f"students built in {time.perf_counter() - t0:.1f} s (cumulative)", flush=True)
     return {"teacher": teacher, "hybrid-kda": kda, "allmem": allmem}
 
 
