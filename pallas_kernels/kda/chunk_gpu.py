@@ -79,6 +79,10 @@ def _f32(x):
     return x.astype(jnp.float32)
 
 
+def _iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
 def _ktiles(K, bk, body, init):
     """fori_loop over K tiles of width bk (a loop, not unrolled, to keep the IR small)."""
     def step(t, carry):
@@ -87,10 +91,6 @@ def _ktiles(K, bk, body, init):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _iota(shape, dim):
-    return lax.broadcasted_iota(jnp.int32, shape, dim)
-
-
 def _chunk_pairs(q_ref, k_ref, g_ref, *, C, K, bk, mm):
     """A (k-k) and P (q-k) decayed products of one chunk as whole [C, C] matrices.
 
