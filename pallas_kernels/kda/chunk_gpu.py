@@ -91,6 +91,15 @@ def _ktiles(K, bk, body, init):
 
 
 # ----------------------------------------------------------------------------- kernels
+def _row_of_each_block(ref, jj, cols, blk):
+    """[C, bk]: row jj of each 16-row block of ref[:, cols], repeated over that block's rows
+    (blk: the block index of each row)."""
+    out = jnp.zeros(blk.shape, jnp.float32)
+    for i in range(ref.shape[0] // BC):
+        out = jnp.where(blk == i, _f32(ref[pl.ds(i * BC + jj, 1), cols]), out)
+    return out
+
+
 def _chunk_pairs(q_ref, k_ref, g_ref, *, C, K, bk, mm):
     """A (k-k) and P (q-k) decayed products of one chunk as whole [C, C] matrices.
 
@@ -118,11 +127,7 @@ def _chunk_pairs(q_ref, k_ref, g_ref, *, C, K, bk, mm):
 
         def row(jj, acc):
             A, P = acc
-            Gj = jnp.zeros_like(G)
-            kj = jnp.zeros_like(G)
-            for i in range(nb):
-                Gj = jnp.where(blk == i, _f32(g_ref[pl.ds(i * BC + jj, 1), cols]), Gj)
-                kj = jnp.where(blk == i, _f32(k_ref[pl.ds(i * BC + jj, 1), cols]), kj)
+            Gj, kj = _row_of_each_block(g_ref, jj, cols, blk), _row_of_each_block(k_ref, jj, cols, blk)
             ke = kj * jnp.exp(jnp.where(rin >= jj, G - Gj, -jnp.inf))
             sel = col == diag_col + jj
             A = A + jnp.where(sel, jnp.sum(k * ke, axis=1, keepdims=True), 0.0)
@@ -182,25 +187,33 @@ def _decays(g_ref, fs_ref, ls_ref, cols, C, seg):
             jnp.exp(jnp.where(fs_last, Gl, -jnp.inf)))
 
 
+def _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, *, C, K, seg, bk, mm,
+                q_ref=None, qg_ref=None):
+    """Per K tile: W = T (k * Gam), kd = k * exp(G_C - G), and q * Gam when qg_ref is given."""
+    def k_tile(cols, carry):
+        _, gam, dec, _ = _decays(g_ref, fs_ref, ls_ref, cols, C, seg)
+        k = _f32(k_ref[:, cols])
+        w_ref[:, cols] = _mm(T, k * gam, mm)
+        kd_ref[:, cols] = k * dec
+        if qg_ref is not None:
+            qg_ref[:, cols] = _f32(q_ref[:, cols]) * gam
+        return carry
+
+    _ktiles(K, bk, k_tile, 0)
+
+
 def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
                       w_ref, u_ref, p_ref, kd_ref, *, C, K, V, seg, bk, bv, mm):
     _, P, beta, M, _ = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, C=C, K=K, bk=bk,
                                      seg=seg, mm=mm)
     p_ref[...] = P
     T = M * beta[None, :]
-
-    def k_tile(cols, carry):
-        _, gam, dec, _ = _decays(g_ref, fs_ref, ls_ref, cols, C, seg)
-        k = _f32(k_ref[:, cols])
-        w_ref[:, cols] = _mm(T, k * gam, mm)
-        kd_ref[:, cols] = k * dec
-        return carry
+    _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, C=C, K=K, seg=seg, bk=bk, mm=mm)
 
     def v_tile(cols, carry):
         u_ref[:, cols] = _mm(T, v_ref[:, cols], mm)
         return carry
 
-    _ktiles(K, bk, k_tile, 0)
     _ktiles(V, bv, v_tile, 0)
 
 
@@ -209,22 +222,23 @@ def _intra_prep_bwd_kernel(q_ref, k_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref, 
     """What the sequential backward reads per chunk: W, kd, q*Gam and P^T do."""
     _, P, beta, M, _ = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, C=C, K=K, bk=bk,
                                      seg=seg, mm=mm)
-    T = M * beta[None, :]
-
-    def k_tile(cols, carry):
-        _, gam, dec, _ = _decays(g_ref, fs_ref, ls_ref, cols, C, seg)
-        k = _f32(k_ref[:, cols])
-        w_ref[:, cols] = _mm(T, k * gam, mm)
-        kd_ref[:, cols] = k * dec
-        qg_ref[:, cols] = _f32(q_ref[:, cols]) * gam
-        return carry
+    _write_w_kd(M * beta[None, :], k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, C=C, K=K, seg=seg,
+                bk=bk, mm=mm, q_ref=q_ref, qg_ref=qg_ref)
 
     def v_tile(cols, carry):
         dvl_ref[:, cols] = _mm_tn(P, do_ref[:, cols], mm)
         return carry
 
-    _ktiles(K, bk, k_tile, 0)
     _ktiles(V, bv, v_tile, 0)
+
+
+def _end_decay(g_ref, fs_ref, t0, C, seg):
+    """exp(G_C) of the chunk starting at t0 as a [K, 1] column (zero if the chunk holds a
+    reset): the state's decay across the chunk, in the sequential kernels."""
+    Gl = _f32(g_ref[pl.ds(t0 + C - 1, 1), :])
+    if seg:
+        Gl = jnp.where(_f32(fs_ref[pl.ds(t0 + C - 1, 1)])[:, None] > 0, Gl, -jnp.inf)
+    return jnp.transpose(jnp.exp(Gl))
 
 
 def _state_fwd_kernel(g_ref, fs_ref, w_ref, u_ref, kd_ref, s0_ref, h_ref, vn_ref, sT_ref,
@@ -235,10 +249,7 @@ def _state_fwd_kernel(g_ref, fs_ref, w_ref, u_ref, kd_ref, s0_ref, h_ref, vn_ref
         h_ref[n] = s
         vn = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w_ref[pl.ds(t0, C), :], s, mm)
         vn_ref[pl.ds(t0, C), :] = vn
-        Gl = _f32(g_ref[pl.ds(t0 + C - 1, 1), :])  # [1, K]
-        if seg:
-            Gl = jnp.where(_f32(fs_ref[pl.ds(t0 + C - 1, 1)])[:, None] > 0, Gl, -jnp.inf)
-        return jnp.transpose(jnp.exp(Gl)) * s + _mm_tn(kd_ref[pl.ds(t0, C), :], vn, mm)
+        return _end_decay(g_ref, fs_ref, t0, C, seg) * s + _mm_tn(kd_ref[pl.ds(t0, C), :], vn, mm)
 
     sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
 
@@ -262,11 +273,8 @@ def _state_bwd_kernel(g_ref, fs_ref, w_ref, kd_ref, qg_ref, do_ref, dvl_ref, dsT
         dh_ref[n] = ds
         dvn = _f32(dvl_ref[pl.ds(t0, C), :]) + _mm(kd_ref[pl.ds(t0, C), :], ds, mm)
         dvn_ref[pl.ds(t0, C), :] = dvn
-        Gl = _f32(g_ref[pl.ds(t0 + C - 1, 1), :])
-        if seg:
-            Gl = jnp.where(_f32(fs_ref[pl.ds(t0 + C - 1, 1)])[:, None] > 0, Gl, -jnp.inf)
-        return (jnp.transpose(jnp.exp(Gl)) * ds + _mm_tn(qg_ref[pl.ds(t0, C), :],
-                                                        do_ref[pl.ds(t0, C), :], mm)
+        return (_end_decay(g_ref, fs_ref, t0, C, seg) * ds
+                + _mm_tn(qg_ref[pl.ds(t0, C), :], do_ref[pl.ds(t0, C), :], mm)
                 - _mm_tn(w_ref[pl.ds(t0, C), :], dvn, mm))
 
     ds0_ref[...] = lax.fori_loop(0, NT, body, _f32(dsT_ref[...]))
@@ -340,11 +348,7 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
 
         def row(jj, acc):  # diagonal blocks: key row jj of every block at once
             rq, rk, cs = acc
-            Gj = jnp.zeros_like(G)
-            kj = jnp.zeros_like(G)
-            for i in range(nb):
-                Gj = jnp.where(blk == i, _f32(g_ref[pl.ds(i * BC + jj, 1), cols]), Gj)
-                kj = jnp.where(blk == i, _f32(k_ref[pl.ds(i * BC + jj, 1), cols]), kj)
+            Gj, kj = _row_of_each_block(g_ref, jj, cols, blk), _row_of_each_block(k_ref, jj, cols, blk)
             e = jnp.exp(jnp.where(rin >= jj, G - Gj, -jnp.inf))
             sel = col == diag_col + jj
             dp = jnp.sum(jnp.where(sel, dP, 0.0), axis=1, keepdims=True)
@@ -384,6 +388,11 @@ def _params(cfg, warps):
                 compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=cfg.stages))
 
 
+def _chunk_state_spec(K, V):
+    """The [K, V] state of one (batch, head, chunk) in a [B, H, NT, K, V] array."""
+    return pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0))
+
+
 def _chunk_specs(C, K, V):
     """Per-(batch, head, chunk) blocks of [.,C,.,K], [.,C,.,V], [.,C,.,C], [.,C,.] and [.,C] arrays."""
     return (pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0)),
@@ -413,17 +422,13 @@ def _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg):
     )(q, k, v, G, beta, run, fs, ls)
 
 
-def _seq_specs(B, Tp, H, K, C, bv):
+def _seq_specs(Tp, K, C, bv):
     return dict(
         k=pl.BlockSpec((None, Tp, None, K), lambda b, h, j: (b, 0, h, 0)),
         v=pl.BlockSpec((None, Tp, None, bv), lambda b, h, j: (b, 0, h, j)),
-        p=pl.BlockSpec((None, Tp, None, C), lambda b, h, j: (b, 0, h, 0)),
         m=pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)),
         h=pl.BlockSpec((None, None, Tp // C, K, bv), lambda b, h, j: (b, h, 0, 0, j)),
         s=pl.BlockSpec((None, None, K, bv), lambda b, h, j: (b, h, 0, j)),
-        pk=pl.BlockSpec((None, None, Tp, None, K), lambda b, h, j: (j, b, 0, h, 0)),
-        pp=pl.BlockSpec((None, None, Tp, None, C), lambda b, h, j: (j, b, 0, h, 0)),
-        pg=pl.BlockSpec((None, None, Tp // C, None, K), lambda b, h, j: (j, b, 0, h, 0)),
     )
 
 
@@ -433,7 +438,7 @@ def _state_fwd(G, fs, w, u, kd, s0, cfg):
     V = u.shape[-1]
     C, bv = cfg.C, min(cfg.bv, V)
     NT = Tp // C
-    sp = _seq_specs(B, Tp, H, K, C, bv)
+    sp = _seq_specs(Tp, K, C, bv)
     kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm)
     f32 = jnp.float32
     return pl.pallas_call(
@@ -452,7 +457,7 @@ def _out_fwd(q, G, fs, p, h, vn, cfg, out_dtype):
     V = vn.shape[-1]
     C = cfg.C
     ck, cv, cp, _, cm = _chunk_specs(C, K, V)
-    ch = pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0))
+    ch = _chunk_state_spec(K, V)
     return pl.pallas_call(
         functools.partial(_out_fwd_kernel, seg=cfg.seg, mm=cfg.mm),
         grid=(B, H, Tp // C),
@@ -484,7 +489,7 @@ def _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg):
     V = do.shape[-1]
     C, bv = cfg.C, min(cfg.bv, V)
     NT = Tp // C
-    sp = _seq_specs(B, Tp, H, K, C, bv)
+    sp = _seq_specs(Tp, K, C, bv)
     kern = functools.partial(_state_bwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm)
     f32 = jnp.float32
     return pl.pallas_call(
@@ -503,7 +508,7 @@ def _intra_bwd(q, k, v, G, beta, run, fs, ls, do, h, vn, dh, dvn, cfg):
     V = v.shape[-1]
     C = cfg.C
     ck, cv, _, cb, cm = _chunk_specs(C, K, V)
-    chk = pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0))
+    chk = _chunk_state_spec(K, V)
     kern = functools.partial(_intra_bwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk,
                              bv=min(cfg.bv, V), mm=cfg.mm)
     f32 = jnp.float32
