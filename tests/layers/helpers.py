@@ -1,6 +1,19 @@
 """Shared helpers for the layer and student tests."""
 
 import numpy as np
+from flax import nnx
+
+
+@nnx.jit
+def run(layer, x, pos, seg):
+    """A mixer's output over a whole sequence (positions may be None)."""
+    return layer(x, positions=pos, segment_ids=seg)[0]
+
+
+@nnx.jit
+def run_cached(layer, x, pos, seg, cache):
+    """(output, updated cache) of a mixer continuing from `cache`."""
+    return layer(x, positions=pos, segment_ids=seg, cache=cache)
 
 
 def rms_rel(x, ref):

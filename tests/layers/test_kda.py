@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from hybrid_jax.layers.kda import KDA, inverse_softplus
-from tests.layers.helpers import randomize, rms_rel
+from tests.layers.helpers import randomize, rms_rel, run, run_cached
 
 D, H, HD = 32, 2, 16
 
@@ -17,16 +17,6 @@ def make_layer(gate="channel", seed=0):
                 backend="reference", init_std=0.2, rngs=nnx.Rngs(seed))
     randomize(layer, seed, scale=0.1, skip=("A_log", "dt_bias"))
     return layer
-
-
-@nnx.jit
-def run(layer, x, seg):
-    return layer(x, positions=None, segment_ids=seg)[0]
-
-
-@nnx.jit
-def run_cached(layer, x, seg, cache):
-    return layer(x, positions=None, segment_ids=seg, cache=cache)
 
 
 def torch_layer(layer):
@@ -64,7 +54,7 @@ def test_matches_transformers_kimi_delta_attention():
     layer = make_layer()
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 21, D), jnp.float32)
     seg = jnp.ones((2, 21), jnp.int32)
-    y = run(layer, x, seg)
+    y = run(layer, x, None, seg)
     with torch.no_grad():
         ref = torch_layer(layer)(torch.tensor(np.asarray(x))).numpy()
     assert rms_rel(y, ref) < 1e-5, rms_rel(y, ref)
@@ -77,11 +67,11 @@ def test_decode_equals_forward_with_packing_and_padding():
     x = jax.random.normal(jax.random.PRNGKey(2), (2, T, D), jnp.float32)
     # row 0: 3 pads then one document; row 1: two packed documents, the second starting at 7.
     seg = jnp.asarray([[0] * 3 + [1] * 10, [1] * 7 + [2] * 6], jnp.int32)
-    full = run(layer, x, seg)
+    full = run(layer, x, None, seg)
     cache = layer.init_cache(2, 32, jnp.float32)
     outs, t = [], 0
     for n in [5, 4] + [1] * (T - 9):  # prefill, multi-token continuation, decode
-        y, cache = run_cached(layer, x[:, t:t + n], seg[:, t:t + n], cache)
+        y, cache = run_cached(layer, x[:, t:t + n], None, seg[:, t:t + n], cache)
         outs.append(y)
         t += n
     got = jnp.concatenate(outs, axis=1)
@@ -97,9 +87,9 @@ def test_packed_documents_compute_what_they_compute_alone(gate):
     x = jax.random.normal(jax.random.PRNGKey(3), (1, 12, D), jnp.float32)
     x = jnp.concatenate([x, x], axis=0)
     seg = jnp.asarray([[1] * 5 + [2] * 7, [0] * 5 + [1] * 7], jnp.int32)
-    y = np.asarray(run(layer, x, seg))
+    y = np.asarray(run(layer, x, None, seg))
     np.testing.assert_allclose(y[0, 5:], y[1, 5:], atol=1e-5, rtol=1e-5)
-    alone = np.asarray(run(layer, x[:1, :5], jnp.ones((1, 5), jnp.int32)))
+    alone = np.asarray(run(layer, x[:1, :5], None, jnp.ones((1, 5), jnp.int32)))
     np.testing.assert_allclose(y[0, :5], alone[0], atol=1e-5, rtol=1e-5)
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from hybrid_jax.layers.kda import KDA
 from tests.convert.efficient_qwen_reference import RefEfficientKDA
-from tests.layers.helpers import randomize, rms_rel
+from tests.layers.helpers import randomize, rms_rel, run, run_cached
 
 D, H, HD, K = 32, 4, 8, 4
 OPTIONS = {
@@ -61,22 +61,12 @@ def torch_layer(layer, options):
     return ref
 
 
-@nnx.jit
-def run(layer, x, seg):
-    return layer(x, positions=None, segment_ids=seg)[0]
-
-
-@nnx.jit
-def run_cached(layer, x, seg, cache):
-    return layer(x, positions=None, segment_ids=seg, cache=cache)
-
-
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_matches_the_released_layer(name):
     layer = make_layer(OPTIONS[name])
     assert (layer.k_proj.shape[1], layer.k_conv.weight.shape[1]) == (OPTIONS[name]["num_kv_heads"],) * 2
     x = jax.random.normal(jax.random.PRNGKey(1), (2, T, D), jnp.float32)
-    y = run(layer, x, jnp.ones((2, T), jnp.int32))
+    y = run(layer, x, None, jnp.ones((2, T), jnp.int32))
     with torch.no_grad():
         ref = torch_layer(layer, OPTIONS[name])(torch.tensor(np.asarray(x))).numpy()
     print(f"{name}: RMS-relative error {rms_rel(y, ref):.2e}")
@@ -89,7 +79,7 @@ def test_the_oracle_sees_each_option():
     options = OPTIONS["released"]
     layer = make_layer(options)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, T, D), jnp.float32)
-    y = run(layer, x, jnp.ones((2, T), jnp.int32))
+    y = run(layer, x, None, jnp.ones((2, T), jnp.int32))
     for key, value in (("conv_activation", "silu"), ("conv_bias", False), ("output_gate_bias", False)):
         with torch.no_grad():
             ref = torch_layer(layer, {**options, key: value})(torch.tensor(np.asarray(x))).numpy()
@@ -102,12 +92,12 @@ def test_decode_equals_forward_with_packing_and_padding(name):
     x = jax.random.normal(jax.random.PRNGKey(2), (2, T, D), jnp.float32)
     # row 0: 3 pads then one document; row 1: two packed documents, the second starting at 7.
     seg = jnp.asarray([[0] * 3 + [1] * 10, [1] * 7 + [2] * 6], jnp.int32)
-    full = run(layer, x, seg)
+    full = run(layer, x, None, seg)
     cache = layer.init_cache(2, 32, jnp.float32)
     assert cache["k_conv"].shape == (2, K - 1, OPTIONS[name]["num_kv_heads"], HD)
     outs, t = [], 0
     for n in [5, 4] + [1] * (T - 9):  # prefill, multi-token continuation, decode
-        y, cache = run_cached(layer, x[:, t:t + n], seg[:, t:t + n], cache)
+        y, cache = run_cached(layer, x[:, t:t + n], None, seg[:, t:t + n], cache)
         outs.append(y)
         t += n
     got = jnp.concatenate(outs, axis=1)
@@ -121,10 +111,10 @@ def test_packed_and_padded_documents_compute_what_they_compute_alone():
     x = jax.random.normal(jax.random.PRNGKey(3), (1, T, D), jnp.float32)
     x = jnp.concatenate([x, x], axis=0)
     seg = jnp.asarray([[1] * 5 + [2] * 8, [0] * 5 + [1] * 8], jnp.int32)
-    y = np.asarray(run(layer, x, seg))
+    y = np.asarray(run(layer, x, None, seg))
     np.testing.assert_allclose(y[0, 5:], y[1, 5:], atol=1e-5, rtol=1e-5)
     # the second document alone, at the start of an unpadded row
-    alone = np.asarray(run(layer, jnp.roll(x, -5, axis=1), jnp.ones((2, T), jnp.int32)))
+    alone = np.asarray(run(layer, jnp.roll(x, -5, axis=1), None, jnp.ones((2, T), jnp.int32)))
     np.testing.assert_allclose(y[1, 5:], alone[0, :8], atol=1e-5, rtol=1e-5)
 
 

@@ -10,7 +10,7 @@ from hybrid_jax.layers.allmem import AllMem, sample_allmem_hparams
 from hybrid_jax.layers.attention import Attention
 from hybrid_jax.layers.swa import SlidingWindowAttention
 from hybrid_jax.layers.ttt_memory import TTTMemory
-from tests.layers.helpers import randomize
+from tests.layers.helpers import randomize, run, run_cached
 
 D, H, KH, HD, T = 32, 4, 2, 8, 13
 # row 0: 3 pads then one document; row 1: two packed documents, the second starting inside
@@ -31,16 +31,6 @@ def swa(window, sinks, seed=0):
 def allmem(window=3, sinks=2, chunk=2, alpha=0.7):
     memory = TTTMemory(D, H, HD, memory_hidden=12, chunk_size=chunk, lr_init=0.1, init_std=0.3, rngs=nnx.Rngs(2))
     return AllMem(swa(window, sinks), memory, D, alpha_init=alpha)
-
-
-@nnx.jit
-def run(layer, x, pos, seg):
-    return layer(x, positions=pos, segment_ids=seg)[0]
-
-
-@nnx.jit
-def run_cached(layer, x, pos, seg, cache):
-    return layer(x, positions=pos, segment_ids=seg, cache=cache)
 
 
 def decode_matches_forward(layer, x, seg):
