@@ -153,7 +153,8 @@ def run_fla(shape, iters):
 
 
 def breakdown(shape, iters, variants):
-    """Time each Pallas kernel alone (fwd: intra, state, out; bwd: prep, state, intra) per variant."""
+    """Time each Pallas kernel alone (fwd: intra, state, out; bwd: prep, state, pairs,
+    channels) per variant."""
     import jax
     import jax.numpy as jnp
 
@@ -175,24 +176,28 @@ def breakdown(shape, iters, variants):
             cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
                           bv=kw.get("bv", 64), bk=kw.get("bk", 32),
                           warps_intra=kw.get("wi", 4), warps_state=kw.get("ws", 4),
-                          stages=kw.get("st", 1), mm=kw.get("mm", "tf32"))
-            intra = jax.jit(lambda *a, cfg=cfg: cg._intra_fwd(*a, cfg))
-            w, u, p, kd = intra(q, k, v, G, beta, m, m, m)
-            state = jax.jit(lambda *a, cfg=cfg: cg._state_fwd(*a, cfg))
+                          warps_channels=kw.get("wc", 4), stages=kw.get("st", 1),
+                          mm=kw.get("mm", "tf32"))
+
+            def jit(f, cfg=cfg, **kws):
+                return jax.jit(lambda *a: f(*a, cfg, **kws))
+
+            intra, state, out = jit(cg._intra_fwd), jit(cg._state_fwd), jit(cg._out_fwd, out_dtype=bf)
+            prep, sbwd = jit(cg._intra_prep_bwd), jit(cg._state_bwd)
+            pairs, chans = jit(cg._intra_bwd_pairs), jit(cg._intra_bwd_channels)
+            w, u, p, kd, M, A = intra(q, k, v, G, beta, m, m, m)
             h, vn, sT = state(G, m, w, u, kd, s0)
-            out = jax.jit(lambda *a, cfg=cfg: cg._out_fwd(*a, cfg, bf))
-            prep = jax.jit(lambda *a, cfg=cfg: cg._intra_prep_bwd(*a, cfg))
-            w, kd, qg, dvl = prep(q, k, G, beta, m, m, m, dov)
-            sbwd = jax.jit(lambda *a, cfg=cfg: cg._state_bwd(*a, cfg))
+            w, kd, qg, dvl = prep(q, k, G, beta, m, m, M, p, dov)
             dh, dvn, _ = sbwd(G, m, w, kd, qg, dov, dvl, s0)
-            ibwd = jax.jit(lambda *a, cfg=cfg: cg._intra_bwd(*a, cfg))
+            dv, db, dA, dP, dd = pairs(k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)
             for name, fn, args in (
                     ("intra_fwd", intra, (q, k, v, G, beta, m, m, m)),
                     ("state_fwd", state, (G, m, w, u, kd, s0)),
                     ("out_fwd", out, (q, G, m, p, h, vn)),
-                    ("prep_bwd", prep, (q, k, G, beta, m, m, m, dov)),
+                    ("prep_bwd", prep, (q, k, G, beta, m, m, M, p, dov)),
                     ("state_bwd", sbwd, (G, m, w, kd, qg, dov, dvl, s0)),
-                    ("intra_bwd", ibwd, (q, k, v, G, beta, m, m, m, dov, h, vn, dh, dvn))):
+                    ("pairs_bwd", pairs, (k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)),
+                    ("channels_bwd", chans, (q, k, G, m, m, dA, dP, dd, dov, vn, dv, h, dh))):
                 if kw.get("fwd_only") and name.endswith("_bwd"):
                     continue
                 row[name + "_ms"] = round(time_jax(fn, args, iters)[0] * 1e3, 3)

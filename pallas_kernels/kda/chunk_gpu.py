@@ -159,29 +159,36 @@ def _unit_lower_inverse(L, C, mm):
     return _mm(i_f + _mm(i_f, _mm(F, F, mm), mm), md, mm)
 
 
-def _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, *, C, K, bk, seg, mm):
-    """A (strictly lower), P (lower), beta and M = (I + diag(beta) A)^-1 of one chunk."""
-    A, P = _chunk_pairs(q_ref, k_ref, g_ref, C=C, K=K, bk=bk, mm=mm)
+def _keep_masks(run_ref, C, seg):
+    """Which (row, column) pairs of a chunk's A (strictly lower) and P (lower) are kept:
+    causal, and inside one run of tokens when segments are packed."""
     row, col = _iota((C, C), 0), _iota((C, C), 1)
     keep_a, keep_p = row > col, row >= col
     if seg:
         run = _f32(run_ref[...])
         same = run[:, None] == run[None, :]
         keep_a, keep_p = keep_a & same, keep_p & same
+    return keep_a, keep_p
+
+
+def _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, *, C, K, bk, seg, mm):
+    """A (strictly lower), P (lower), beta and M = (I + diag(beta) A)^-1 of one chunk."""
+    A, P = _chunk_pairs(q_ref, k_ref, g_ref, C=C, K=K, bk=bk, mm=mm)
+    keep_a, keep_p = _keep_masks(run_ref, C, seg)
     A, P = jnp.where(keep_a, A, 0.0), jnp.where(keep_p, P, 0.0)
     beta = _f32(b_ref[...])
-    return A, P, beta, _unit_lower_inverse(beta[:, None] * A, C, mm), (keep_a, keep_p)
+    return A, P, beta, _unit_lower_inverse(beta[:, None] * A, C, mm)
 
 
-def _decays(g_ref, fs_ref, ls_ref, cols, C, seg):
+def _decays(g_ref, fs_ref, ls_ref, cols, C, seg, rows=slice(None)):
     """G, Gam = exp(G) (zero after a reset inside the chunk), dec = exp(G_C - G) (zero
-    before one) and exp(G_C) (zero if the chunk holds a reset) for one K tile."""
-    G = _f32(g_ref[:, cols])
+    before one) and exp(G_C) (zero if the chunk holds a reset) for one K tile (of `rows`)."""
+    G = _f32(g_ref[rows, cols])
     Gl = _f32(g_ref[pl.ds(C - 1, 1), cols])
     if not seg:
         return G, jnp.exp(G), jnp.exp(Gl - G), jnp.exp(Gl)
-    fs = _f32(fs_ref[...])[:, None] > 0
-    ls = _f32(ls_ref[...])[:, None] > 0
+    fs = _f32(fs_ref[rows])[:, None] > 0
+    ls = _f32(ls_ref[rows])[:, None] > 0
     fs_last = _f32(fs_ref[pl.ds(C - 1, 1)])[:, None] > 0
     return (G, jnp.exp(jnp.where(fs, G, -jnp.inf)), jnp.exp(jnp.where(ls, Gl - G, -jnp.inf)),
             jnp.exp(jnp.where(fs_last, Gl, -jnp.inf)))
@@ -203,10 +210,12 @@ def _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, *, C, K, seg, bk
 
 
 def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
-                      w_ref, u_ref, p_ref, kd_ref, *, C, K, V, seg, bk, bv, mm):
-    _, P, beta, M, _ = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, C=C, K=K, bk=bk,
-                                     seg=seg, mm=mm)
+                      w_ref, u_ref, p_ref, kd_ref, m_ref, a_ref, *, C, K, V, seg, bk, bv, mm):
+    A, P, beta, M = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, C=C, K=K, bk=bk,
+                                  seg=seg, mm=mm)
     p_ref[...] = P
+    m_ref[...] = M
+    a_ref[...] = A
     T = M * beta[None, :]
     _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, C=C, K=K, seg=seg, bk=bk, mm=mm)
 
@@ -217,16 +226,15 @@ def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
     _ktiles(V, bv, v_tile, 0)
 
 
-def _intra_prep_bwd_kernel(q_ref, k_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref, do_ref,
+def _intra_prep_bwd_kernel(q_ref, k_ref, g_ref, b_ref, fs_ref, ls_ref, m_ref, p_ref, do_ref,
                            w_ref, kd_ref, qg_ref, dvl_ref, *, C, K, V, seg, bk, bv, mm):
-    """What the sequential backward reads per chunk: W, kd, q*Gam and P^T do."""
-    _, P, beta, M, _ = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, C=C, K=K, bk=bk,
-                                     seg=seg, mm=mm)
-    _write_w_kd(M * beta[None, :], k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, C=C, K=K, seg=seg,
-                bk=bk, mm=mm, q_ref=q_ref, qg_ref=qg_ref)
+    """What the sequential backward reads per chunk: W, kd, q*Gam and P^T do (M and P are
+    kept from the forward pass)."""
+    _write_w_kd(m_ref[...] * _f32(b_ref[...])[None, :], k_ref, g_ref, fs_ref, ls_ref, w_ref,
+                kd_ref, C=C, K=K, seg=seg, bk=bk, mm=mm, q_ref=q_ref, qg_ref=qg_ref)
 
     def v_tile(cols, carry):
-        dvl_ref[:, cols] = _mm_tn(P, do_ref[:, cols], mm)
+        dvl_ref[:, cols] = _mm_tn(p_ref[...], do_ref[:, cols], mm)
         return carry
 
     _ktiles(V, bv, v_tile, 0)
@@ -280,20 +288,20 @@ def _state_bwd_kernel(g_ref, fs_ref, w_ref, kd_ref, qg_ref, do_ref, dvl_ref, dsT
     ds0_ref[...] = lax.fori_loop(0, NT, body, _f32(dsT_ref[...]))
 
 
-def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref, do_ref,
-                      h_ref, vn_ref, dh_ref, dvn_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref,
-                      *, C, K, V, seg, bk, bv, mm):
-    """Per chunk: from d v_new, dS_after and do back to dq, dk, dv, dG, dbeta.
+def _intra_bwd_pairs_kernel(k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref, m_ref, a_ref,
+                            do_ref, h_ref, vn_ref, dvn_ref, dv_ref, db_ref, da_ref, dp_ref, dd_ref,
+                            *, C, K, V, seg, bk, bv, mm):
+    """Per chunk, the reductions over K and V: dv, dbeta and the pair gradients dA, dP.
 
-    v_new = U - W S, U = T v, W = T (k Gam), T = M diag(beta), M = (I + diag(beta) A)^-1;
-    o = (q Gam) S + P v_new; S_after = diag(exp(G_C)) S + (k dec)^T v_new."""
-    nb = C // BC
-    A, _, beta, M, (keep_a, keep_p) = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, C=C,
-                                                    K=K, bk=bk, seg=seg, mm=mm)
+    v_new = U - W S, U = T v, W = T (k Gam), T = M diag(beta), M = (I + diag(beta) A)^-1,
+    o = (q Gam) S + P v_new. Besides dA and dP it writes their diagonal 16-blocks compactly
+    for the channel kernel: dd[t, jj] = dP[t, 16 b(t) + jj], dd[t, 16 + jj] the same of dA,
+    and dd[s, 32 + jj] = dP[16 b(s) + jj, s], dd[s, 48 + jj] the same of dA (b: the block)."""
+    keep_a, keep_p = _keep_masks(run_ref, C, seg)
+    beta, M = _f32(b_ref[...]), m_ref[...]
     T = M * beta[None, :]
     dvn = _f32(dvn_ref[...])
 
-    # Phase 1 (reductions over K and V): dT, dP, dv, then dA and dbeta through the inverse.
     def k_red(cols, dT):
         _, gam, _, _ = _decays(g_ref, fs_ref, ls_ref, cols, C, seg)
         dW = -_mm_nt(dvn, h_ref[cols, :], mm)
@@ -302,70 +310,94 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
     def v_red(cols, acc):
         dT, dP = acc
         du = _f32(dvn_ref[:, cols])
-        dv_ref[:, cols] = _mm_tn(T, du, mm).astype(dv_ref.dtype)
+        dv_ref[:, cols] = _mm_tn(T, du, mm)
         return (dT + _mm_nt(du, v_ref[:, cols], mm),
                 dP + _mm_nt(do_ref[:, cols], vn_ref[:, cols], mm))
 
     zero = jnp.zeros((C, C), jnp.float32)
     dT, dP = _ktiles(V, bv, v_red, (_ktiles(K, bk, k_red, zero), zero))
-    dM = dT * beta[None, :]
-    dL = jnp.where(keep_a, -_mm_nt(_mm_tn(M, dM, mm), M, mm), 0.0)  # -M^T dM M^T
-    db_ref[...] = jnp.sum(dT * M, axis=0) + jnp.sum(dL * A, axis=1)
+    dL = jnp.where(keep_a, -_mm_nt(_mm_tn(M, dT * beta[None, :], mm), M, mm), 0.0)  # -M^T dM M^T
+    db_ref[...] = jnp.sum(dT * M, axis=0) + jnp.sum(dL * a_ref[...], axis=1)
     dA = beta[:, None] * dL
     dP = jnp.where(keep_p, dP, 0.0)
+    da_ref[...] = dA
+    dp_ref[...] = dP
+    # Exact ("ieee") selection products: dd must hold dA and dP unrounded.
+    same_blk = (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
+    pick = jnp.where(_iota((C, BC), 0) % BC == _iota((C, BC), 1), 1.0, 0.0)
+    dA_diag, dP_diag = jnp.where(same_blk, dA, 0.0), jnp.where(same_blk, dP, 0.0)
+    dd_ref[:, pl.ds(0, BC)] = _mm(dP_diag, pick)
+    dd_ref[:, pl.ds(BC, BC)] = _mm(dA_diag, pick)
+    dd_ref[:, pl.ds(2 * BC, BC)] = _mm_tn(dP_diag, pick)
+    dd_ref[:, pl.ds(3 * BC, BC)] = _mm_tn(dA_diag, pick)
 
-    # Phase 2 (per K tile, elementwise in the channel): dq, dk, dG.
-    blk = _iota((C, bk), 0) // BC
-    rin = _iota((C, bk), 0) % BC
-    diag_col = (_iota((C, C), 0) // BC) * BC
-    col = _iota((C, C), 1)
-    block_sum = jnp.where(_iota((C, C), 0) // BC == col // BC, 1.0, 0.0)
 
-    def k_tile(cols, carry):
-        G, gam, dec, gl = _decays(g_ref, fs_ref, ls_ref, cols, C, seg)
-        q, k = _f32(q_ref[:, cols]), _f32(k_ref[:, cols])
-        hc, dhc = h_ref[cols, :], dh_ref[cols, :]
-        dW = -_mm_nt(dvn, hc, mm)
-        dqg = _mm_nt(do_ref[...], hc, mm)
-        dkd = _mm_nt(vn_ref[...], dhc, mm)
-        dKg = _mm_tn(T, dW, mm)
-        kd = k * dec
-        dq = dqg * gam
-        dk = dKg * gam + dkd * dec
-        dG = (dKg * k + dqg * q) * gam - dkd * kd
-        last = (jnp.transpose(jnp.sum(_f32(hc) * _f32(dhc), axis=1, keepdims=True)) * gl
-                + jnp.sum(dkd * kd, axis=0, keepdims=True))  # d/dG_C, [1, bk]
-        for j in range(nb - 1):  # off-diagonal blocks, factored as in the forward pass
-            r = _f32(g_ref[pl.ds(j * BC + BC - 1, 1), cols])
-            e_left = jnp.exp(jnp.where(blk > j, G - r, -jnp.inf))
-            e_right = jnp.exp(jnp.where(blk == j, r - G, -jnp.inf))
-            lk, lq, right = k * e_left, q * e_left, k * e_right
-            dlk, dlq = _mm(dA, right, mm), _mm(dP, right, mm)
-            dr = _mm_tn(dA, lk, mm) + _mm_tn(dP, lq, mm)
-            dq = dq + dlq * e_left
-            dk = dk + dlk * e_left + dr * e_right
-            dG = dG + dlk * lk + dlq * lq - dr * right
+def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_ref, dd_ref,
+                               do_ref, vn_ref, dv_ref, h_ref, dh_ref,
+                               dq_ref, dk_ref, dg_ref, dgl_ref, *, C, NK, seg, mm):
+    """One 16-row block i of one chunk and one K tile, elementwise in the channel: dq, dk, dG.
 
-        def row(jj, acc):  # diagonal blocks: key row jj of every block at once
-            rq, rk, cs = acc
-            Gj, kj = _row_of_each_block(g_ref, jj, cols, blk), _row_of_each_block(k_ref, jj, cols, blk)
-            e = jnp.exp(jnp.where(rin >= jj, G - Gj, -jnp.inf))
-            sel = col == diag_col + jj
-            dp = jnp.sum(jnp.where(sel, dP, 0.0), axis=1, keepdims=True)
-            da = jnp.sum(jnp.where(sel, dA, 0.0), axis=1, keepdims=True)
-            x = (dp * q + da * k) * e  # summed over the block's rows -> key row jj
-            cs = cs + jnp.where(rin == jj, _mm(block_sum, x, mm), 0.0)
-            return rq + dp * kj * e, rk + da * kj * e, cs
+    q/k/g refs hold the whole chunk's K tile; do, vn, dv (= T^T d v_new) the block's rows.
+    With S_after = diag(exp(G_C)) S + (k dec)^T v_new and A, P as in the forward pass, the
+    pairs (t, s) split into: s in an earlier block (this block's rows as queries), t in a
+    later block (its rows as keys) and both in block i (a 16-step loop, pairwise exps).
+    dgl gets this block's share of d/dG_C (summed over blocks by the caller)."""
+    i = (pl.program_id(2) // NK) % (C // BC)
+    r0 = pl.multiple_of(i * BC, BC)
+    rows = pl.ds(r0, BC)
+    cols = slice(None)
+    G, gam, dec, gl = _decays(g_ref, fs_ref, ls_ref, cols, C, seg, rows)
+    q, k = _f32(q_ref[rows, :]), _f32(k_ref[rows, :])
+    hc, dhc = h_ref[...], dh_ref[...]
+    dqg = _mm_nt(do_ref[...], hc, mm)
+    dkd = _mm_nt(vn_ref[...], dhc, mm)
+    dKg = -_mm_nt(dv_ref[...], hc, mm)  # T^T dW with dW = -d v_new S^T
+    kd = k * dec
+    dq = dqg * gam
+    dk = dKg * gam + dkd * dec
+    dG = (dKg * k + dqg * q) * gam - dkd * kd
+    hdh = jnp.transpose(jnp.sum(_f32(hc) * _f32(dhc), axis=1, keepdims=True))
+    dgl_ref[...] = (jnp.sum(dkd * kd, axis=0, keepdims=True)
+                    + jnp.where(i == C // BC - 1, hdh * gl, 0.0))
 
-        z = jnp.zeros_like(G)
-        rq, rk, cs = lax.fori_loop(0, BC, row, (z, z, z))
-        dq_ref[:, cols] = (dq + rq).astype(dq_ref.dtype)
-        dk_ref[:, cols] = (dk + rk + cs).astype(dk_ref.dtype)
-        dG = dG + q * rq + k * rk - k * cs
-        dg_ref[:, cols] = dG + jnp.where(_iota((C, bk), 0) == C - 1, last, 0.0)
-        return carry
+    G_all, k_all, q_all = _f32(g_ref[...]), _f32(k_ref[...]), _f32(q_ref[...])
+    row_all = _iota(G_all.shape, 0)
+    # Keys in earlier blocks, through the reference r = G at this block's first row.
+    r = _f32(g_ref[pl.ds(r0, 1), :])
+    e_q = jnp.exp(G - r)
+    k_e = k_all * jnp.exp(jnp.where(row_all < r0, r - G_all, -jnp.inf))
+    dlq, dlk = _mm(dp_ref[rows, :], k_e, mm), _mm(da_ref[rows, :], k_e, mm)
+    dq = dq + dlq * e_q
+    dk = dk + dlk * e_q
+    dG = dG + (dlq * q + dlk * k) * e_q
+    # Queries in later blocks, through r = G at this block's last row.
+    r = _f32(g_ref[pl.ds(r0 + BC - 1, 1), :])
+    e_t = jnp.exp(jnp.where(row_all >= r0 + BC, G_all - r, -jnp.inf))
+    blk_cols = pl.ds(r0, BC)
+    dr = (_mm_tn(da_ref[:, blk_cols], k_all * e_t, mm)
+          + _mm_tn(dp_ref[:, blk_cols], q_all * e_t, mm)) * jnp.exp(r - G)
+    dk = dk + dr
+    dG = dG - dr * k
 
-    _ktiles(K, bk, k_tile, 0)
+    rin = _iota(G.shape, 0)
+
+    def row(jj, acc):
+        """Row jj of the block as the key of its rows (rq, rk) and as their query (cs)."""
+        rq, rk, cs = acc
+        one = pl.ds(r0 + jj, 1)
+        Gj, kj, qj = _f32(g_ref[one, :]), _f32(k_ref[one, :]), _f32(q_ref[one, :])
+        e_key = jnp.exp(jnp.where(rin >= jj, G - Gj, -jnp.inf))
+        e_query = jnp.exp(jnp.where(rin <= jj, Gj - G, -jnp.inf))
+        dp, da = dd_ref[rows, pl.ds(jj, 1)], dd_ref[rows, pl.ds(BC + jj, 1)]
+        dpt, dat = dd_ref[rows, pl.ds(2 * BC + jj, 1)], dd_ref[rows, pl.ds(3 * BC + jj, 1)]
+        return (rq + dp * kj * e_key, rk + da * kj * e_key,
+                cs + (dpt * qj + dat * kj) * e_query)
+
+    z = jnp.zeros_like(G)
+    rq, rk, cs = lax.fori_loop(0, BC, row, (z, z, z))
+    dq_ref[...] = (dq + rq).astype(dq_ref.dtype)
+    dk_ref[...] = (dk + rk + cs).astype(dk_ref.dtype)
+    dg_ref[...] = dG + q * rq + k * rk - k * cs
 
 
 # ----------------------------------------------------------------------------- calls
@@ -373,8 +405,8 @@ class _Cfg(tuple):
     """Static configuration (hashable): chunk, segments, interpret, tiles, warps."""
 
     __slots__ = ()
-    fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state", "stages",
-              "mm")
+    fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state",
+              "warps_channels", "stages", "mm")
 
     def __new__(cls, **kw):
         return super().__new__(cls, tuple(kw[f] for f in cls.fields))
@@ -403,7 +435,7 @@ def _chunk_specs(C, K, V):
 
 
 def _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg):
-    """W, U, P and kd = k * exp(G_C - G) per chunk (parallel over chunks)."""
+    """W, U, P, kd = k * exp(G_C - G), M and A per chunk (parallel over chunks)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     C = cfg.C
@@ -413,11 +445,12 @@ def _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg):
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
-        in_specs=[ck, ck, cv, ck, cb, cm, cm, cm], out_specs=[ck, cv, cp, ck],
+        in_specs=[ck, ck, cv, ck, cb, cm, cm, cm], out_specs=[ck, cv, cp, ck, cp, cp],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, C), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H, K), f32)],
+                   jax.ShapeDtypeStruct((B, Tp, H, K), f32)]
+        + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2,
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
     )(q, k, v, G, beta, run, fs, ls)
 
@@ -467,21 +500,21 @@ def _out_fwd(q, G, fs, p, h, vn, cfg, out_dtype):
     )(q, G, fs, p, h, vn)
 
 
-def _intra_prep_bwd(q, k, G, beta, run, fs, ls, do, cfg):
+def _intra_prep_bwd(q, k, G, beta, fs, ls, M, P, do, cfg):
     B, Tp, H, K = q.shape
     V = do.shape[-1]
     C = cfg.C
-    ck, cv, _, cb, cm = _chunk_specs(C, K, V)
+    ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
     kern = functools.partial(_intra_prep_bwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk,
                              bv=min(cfg.bv, V), mm=cfg.mm)
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
-        in_specs=[ck, ck, ck, cb, cm, cm, cm, cv], out_specs=[ck, ck, ck, cv],
+        in_specs=[ck, ck, ck, cb, cm, cm, cp, cp, cv], out_specs=[ck, ck, ck, cv],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), f32)] * 3
         + [jax.ShapeDtypeStruct((B, Tp, H, V), f32)],
         name="kda_intra_prep_bwd", **_params(cfg, cfg.warps_intra),
-    )(q, k, G, beta, run, fs, ls, do)
+    )(q, k, G, beta, fs, ls, M, P, do)
 
 
 def _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg):
@@ -503,26 +536,61 @@ def _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg):
     )(G, fs, w, kd, qg, do, dvl, dsT)
 
 
-def _intra_bwd(q, k, v, G, beta, run, fs, ls, do, h, vn, dh, dvn, cfg):
-    B, Tp, H, K = q.shape
+def _intra_bwd_pairs(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn, cfg):
+    B, Tp, H, K = k.shape
     V = v.shape[-1]
     C = cfg.C
-    ck, cv, _, cb, cm = _chunk_specs(C, K, V)
-    chk = _chunk_state_spec(K, V)
-    kern = functools.partial(_intra_bwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk,
+    ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
+    cd = pl.BlockSpec((None, C, None, 4 * BC), lambda b, h, n: (b, n, h, 0))
+    kern = functools.partial(_intra_bwd_pairs_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk,
                              bv=min(cfg.bv, V), mm=cfg.mm)
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
-        in_specs=[ck, ck, cv, ck, cb, cm, cm, cm, cv, chk, cv, chk, cv],
-        out_specs=[ck, ck, cv, ck, cb],
+        in_specs=[ck, cv, ck, cb, cm, cm, cm, cp, cp, cv, _chunk_state_spec(K, V), cv, cv],
+        out_specs=[cv, cb, cp, cp, cd],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H), f32)]
+        + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2
+        + [jax.ShapeDtypeStruct((B, Tp, H, 4 * BC), f32)],
+        name="kda_intra_bwd_pairs", **_params(cfg, cfg.warps_intra),
+    )(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn)
+
+
+def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh, cfg):
+    """Grid (B, H, chunks x 16-row blocks x K tiles). Returns dq, dk, dG and the per-block
+    shares of d/dG_C, [B, Tp/16, H, K]."""
+    B, Tp, H, K = q.shape
+    V = do.shape[-1]
+    C, bk = cfg.C, cfg.bk
+    NK, NB = K // bk, C // BC
+
+    def chunk(width, tiled=False):
+        return pl.BlockSpec((None, C, None, width),
+                            lambda b, h, n: (b, n // (NB * NK), h, n % NK if tiled else 0))
+
+    def block_rows(width, tiled=False):
+        return pl.BlockSpec((None, BC, None, width),
+                            lambda b, h, n: (b, n // NK, h, n % NK if tiled else 0))
+
+    state = pl.BlockSpec((None, None, None, bk, V),
+                         lambda b, h, n: (b, h, n // (NB * NK), n % NK, 0))
+    flags = pl.BlockSpec((None, C), lambda b, h, n: (b, n // (NB * NK)))
+    last = pl.BlockSpec((None, 1, None, bk), lambda b, h, n: (b, n // NK, h, n % NK))
+    tile = chunk(bk, tiled=True)
+    f32 = jnp.float32
+    return pl.pallas_call(
+        functools.partial(_intra_bwd_channels_kernel, C=C, NK=NK, seg=cfg.seg, mm=cfg.mm),
+        grid=(B, H, Tp // C * NB * NK),
+        in_specs=[tile, tile, tile, flags, flags, chunk(C), chunk(C), chunk(4 * BC),
+                  block_rows(V), block_rows(V), block_rows(V), state, state],
+        out_specs=[block_rows(bk, True)] * 3 + [last],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), q.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, K), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H), f32)],
-        name="kda_intra_bwd", **_params(cfg, cfg.warps_intra),
-    )(q, k, v, G, beta, run, fs, ls, do, h, vn, dh, dvn)
+                   jax.ShapeDtypeStruct((B, Tp // BC, H, K), f32)],
+        name="kda_intra_bwd_channels", **_params(cfg, cfg.warps_channels),
+    )(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
@@ -531,22 +599,29 @@ def _kda_core(q, k, v, G, beta, s0, run, fs, ls, cfg):
 
 
 def _kda_core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
-    w, u, p, kd = _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg)
+    w, u, p, kd, M, A = _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg)
     h, vn, sT = _state_fwd(G, fs, w, u, kd, s0, cfg)
     o = _out_fwd(q, G, fs, p, h, vn, cfg, v.dtype)
-    return (o, sT), (q, k, v, G, beta, run, fs, ls, h, vn)
+    return (o, sT), (q, k, v, G, beta, run, fs, ls, h, vn, p, M, A)
 
 
 def _kda_core_bwd(cfg, res, cts):
-    q, k, v, G, beta, run, fs, ls, h, vn = res
+    q, k, v, G, beta, run, fs, ls, h, vn, P, M, A = res
     do, dsT = cts
     do = do.astype(v.dtype)
-    # W, kd, q*Gam are recomputed rather than kept from the forward pass.
-    w, kd, qg, dvl = _intra_prep_bwd(q, k, G, beta, run, fs, ls, do, cfg)
+    # The per-chunk [C, C] matrices P, M, A are kept (3 C floats per token and head) rather
+    # than recomputed; W, kd and q*Gam are cheap products of them, recomputed here.
+    w, kd, qg, dvl = _intra_prep_bwd(q, k, G, beta, fs, ls, M, P, do, cfg)
     dh, dvn, ds0 = _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg)
-    dq, dk, dv, dG, db = _intra_bwd(q, k, v, G, beta, run, fs, ls, do, h, vn, dh, dvn, cfg)
+    dv, db, dA, dP, dd = _intra_bwd_pairs(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn, cfg)
+    dq, dk, dG, dGl = _intra_bwd_channels(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh, cfg)
+    B, Tp, H, K = G.shape
+    C = cfg.C
+    dG = dG.reshape(B, Tp // C, C, H, K).at[:, :, C - 1].add(
+        dGl.reshape(B, Tp // C, C // BC, H, K).sum(axis=2)).reshape(B, Tp, H, K)
     zero = jnp.zeros_like
-    return dq, dk, dv, dG, db.astype(beta.dtype), ds0, zero(run), zero(fs), zero(ls)
+    return (dq, dk, dv.astype(v.dtype), dG, db.astype(beta.dtype), ds0, zero(run), zero(fs),
+            zero(ls))
 
 
 _kda_core.defvjp(_kda_core_fwd, _kda_core_bwd)
@@ -559,7 +634,8 @@ def _pow2_at_least_16(n):
 def chunk_kda_gpu(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
-    block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_stages=1,
+    block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_warps_channels=4,
+    num_stages=1,
     matmul=None,
 ):
     """Chunked KDA with the Pallas Triton kernels (inputs validated by the caller).
@@ -601,7 +677,8 @@ def chunk_kda_gpu(
     else:
         run = fs = ls = jnp.zeros((B, Tp), jnp.float32)
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
-               warps_intra=num_warps_intra, warps_state=num_warps_state, stages=num_stages,
+               warps_intra=num_warps_intra, warps_state=num_warps_state,
+               warps_channels=num_warps_channels, stages=num_stages,
                mm=matmul or ("ieee" if dt == jnp.float32 else "tf32"))
     o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
     o = o[:, :T, :, :V]
