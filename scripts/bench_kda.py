@@ -153,7 +153,7 @@ def run_fla(shape, iters):
 
 
 def breakdown(shape, iters, variants):
-    """Time each Pallas kernel alone (fwd: intra, state, out; bwd: prep, state, pairs,
+    """Time each Pallas kernel alone (fwd: diag, intra, state, out; bwd: prep, state, pairs,
     channels) per variant."""
     import jax
     import jax.numpy as jnp
@@ -176,7 +176,7 @@ def breakdown(shape, iters, variants):
             cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
                           bv=kw.get("bv", 64), bk=kw.get("bk", 32),
                           warps_intra=kw.get("wi", 4), warps_state=kw.get("ws", 4),
-                          warps_channels=kw.get("wc", 4), stages=kw.get("st", 1),
+                          warps_blocks=kw.get("wb", 4), stages=kw.get("st", 1),
                           mm=kw.get("mm", "tf32"))
 
             def jit(f, cfg=cfg, **kws):
@@ -185,13 +185,16 @@ def breakdown(shape, iters, variants):
             intra, state, out = jit(cg._intra_fwd), jit(cg._state_fwd), jit(cg._out_fwd, out_dtype=bf)
             prep, sbwd = jit(cg._intra_prep_bwd), jit(cg._state_bwd)
             pairs, chans = jit(cg._intra_bwd_pairs), jit(cg._intra_bwd_channels)
-            w, u, p, kd, M, A = intra(q, k, v, G, beta, m, m, m)
+            diag = jit(cg._diag_pairs)
+            d = diag(q, k, G)
+            w, u, p, kd, M, A = intra(q, k, v, G, beta, m, m, m, d)
             h, vn, sT = state(G, m, w, u, kd, s0)
             w, kd, qg, dvl = prep(q, k, G, beta, m, m, M, p, dov)
             dh, dvn, _ = sbwd(G, m, w, kd, qg, dov, dvl, s0)
             dv, db, dA, dP, dd = pairs(k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)
             for name, fn, args in (
-                    ("intra_fwd", intra, (q, k, v, G, beta, m, m, m)),
+                    ("diag_fwd", diag, (q, k, G)),
+                    ("intra_fwd", intra, (q, k, v, G, beta, m, m, m, d)),
                     ("state_fwd", state, (G, m, w, u, kd, s0)),
                     ("out_fwd", out, (q, G, m, p, h, vn)),
                     ("prep_bwd", prep, (q, k, G, beta, m, m, M, p, dov)),

@@ -10,25 +10,29 @@ decreasing), Gam_t = exp(G_t), S the state entering the chunk:
     o = (q * Gam) S + P v_new
     S_after = diag(exp(G_C)) S + (k * exp(G_C - G))^T v_new
 
-Every per-chunk quantity is a whole [C, C] or [C, K-tile] matrix, so the work is a few
+Per-chunk quantities are whole [C, C] or [C, K-tile] matrices, so most of the work is a few
 tensor-core products rather than many 16x16 ones:
   * A and P off the diagonal 16-blocks: for key block j, exp(G_t - G_s) factors through the
     reference row r = G[last row of j] as exp(G_t - r) exp(r - G_s), both exponents <= 0
     where kept (masked before exp elsewhere): one [C,bk]x[bk,C] product per key block.
-    On the diagonal blocks (where no such reference is safe) a 16-step loop takes key row
-    jj of every block at once, pairwise and masked before exp.
+    On the diagonal blocks (where no such reference is safe) a separate kernel over 16-row
+    blocks takes one key row per step, pairwise and masked before exp.
   * M by block doubling: (I+D)^-1 = (I+N)(I+N^2)(I+N^4)(I+N^8) for the diagonal blocks D
     (N = -D), then (I+L)^-1 = (I - F)(I + F^2)(I+D)^-1 with F = (I+D)^-1 (L - D), F^4 = 0.
 
 Kernels (fp32 accumulation; matmul operands per `matmul` mode):
-  forward   intra_fwd  (B,H,chunks)  W, U, P, kd = k exp(G_C - G)
+  forward   diag_pairs (B,H,16-row blocks)  the diagonal 16-blocks of A and P
+            intra_fwd  (B,H,chunks)  W, U, P, kd = k exp(G_C - G), M, A
             state_fwd  (B,H,V tiles) sequential: h (state entering each chunk), v_new, S_T
             out_fwd    (B,H,chunks)  o
-  backward  intra_prep (B,H,chunks)  recomputes W, kd, q Gam and P^T do
+  backward  intra_prep (B,H,chunks)  W, kd, q Gam (from M) and P^T do
             state_bwd  (B,H,V tiles) reverse: dS after each chunk, d v_new, dS_0
-            intra_bwd  (B,H,chunks)  recomputes A, P, M and returns dq, dk, dv, dG, dbeta
-Residuals kept by the forward pass: the inputs, h and v_new. Segment resets enter as masks
-on A, P, Gam and the state update (run ids / flags), never as -inf in G.
+            bwd_pairs  (B,H,chunks)  dv, dbeta, dA, dP (reductions over K and V)
+            bwd_channels (B,H,chunks x 16-row blocks x K tiles)  dq, dk, dG
+Residuals kept by the forward pass: the inputs, h, v_new and the per-chunk P, M, A
+(3C floats per token and head; recomputing them cost more than the forward's intra kernel).
+Segment resets enter as masks on A, P, Gam and the state update (run ids / flags), never as
+-inf in G.
 """
 
 from __future__ import annotations
@@ -91,29 +95,39 @@ def _ktiles(K, bk, body, init):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _row_of_each_block(ref, jj, cols, blk):
-    """[C, bk]: row jj of each 16-row block of ref[:, cols], repeated over that block's rows
-    (blk: the block index of each row)."""
-    out = jnp.zeros(blk.shape, jnp.float32)
-    for i in range(ref.shape[0] // BC):
-        out = jnp.where(blk == i, _f32(ref[pl.ds(i * BC + jj, 1), cols]), out)
-    return out
+def _diag_pairs_kernel(q_ref, k_ref, g_ref, d_ref):
+    """The diagonal 16x16 blocks of A and P for one 16-row block (all K channels), compactly:
+    d[t, jj] = A[t, 16 b + jj] and d[t, 16 + jj] = P[t, 16 b + jj] (b: this block).
+    No exp factoring is safe inside a block (G may fall by hundreds over 16 tokens), so each
+    key row jj takes the pairwise exp(G_t - G_jj), masked before exp where t < jj."""
+    G, k, q = _f32(g_ref[...]), _f32(k_ref[...]), _f32(q_ref[...])
+    rin = _iota(G.shape, 0)
+    col = _iota((BC, BC), 1)
+
+    def row(jj, acc):
+        a, p = acc
+        one = pl.ds(jj, 1)
+        ke = _f32(k_ref[one, :]) * jnp.exp(jnp.where(rin >= jj, G - _f32(g_ref[one, :]), -jnp.inf))
+        a = jnp.where(col == jj, jnp.sum(k * ke, axis=1, keepdims=True), a)
+        p = jnp.where(col == jj, jnp.sum(q * ke, axis=1, keepdims=True), p)
+        return a, p
+
+    z = jnp.zeros((BC, BC), jnp.float32)
+    a, p = lax.fori_loop(0, BC, row, (z, z))
+    d_ref[:, pl.ds(0, BC)] = a
+    d_ref[:, pl.ds(BC, BC)] = p
 
 
-def _chunk_pairs(q_ref, k_ref, g_ref, *, C, K, bk, mm):
+def _chunk_pairs(q_ref, k_ref, g_ref, d_ref, *, C, K, bk, mm):
     """A (k-k) and P (q-k) decayed products of one chunk as whole [C, C] matrices.
 
     Off the diagonal 16-blocks, for each key block j the reference row r = G[last row of j]
     factors exp(G_t - G_s) = exp(G_t - r) exp(r - G_s) (both <= 1 where kept, masked before
-    exp elsewhere): one [C,bk]x[bk,C] tensor-core product per key block. On the diagonal
-    blocks the 16 key rows of every block are handled together: step jj broadcasts row jj of
-    each block to that block's rows ([C,bk] tiles) and fills column 16*block + jj.
+    exp elsewhere): one [C,bk]x[bk,C] tensor-core product per key block. The diagonal
+    blocks come from the diag kernel (`d_ref`, compact), expanded by an exact product.
     Returns A (strictly lower, diagonal entries not yet masked) and P (lower)."""
     nb = C // BC
     blk = _iota((C, bk), 0) // BC
-    rin = _iota((C, bk), 0) % BC
-    diag_col = (_iota((C, C), 0) // BC) * BC  # first column of the row's diagonal block
-    col = _iota((C, C), 1)
 
     def tile(cols, acc):
         A, P = acc
@@ -124,20 +138,20 @@ def _chunk_pairs(q_ref, k_ref, g_ref, *, C, K, bk, mm):
             right = k * jnp.exp(jnp.where(blk == j, r - G, -jnp.inf))
             A = A + _mm_nt(k * e_left, right, mm)
             P = P + _mm_nt(q * e_left, right, mm)
-
-        def row(jj, acc):
-            A, P = acc
-            Gj, kj = _row_of_each_block(g_ref, jj, cols, blk), _row_of_each_block(k_ref, jj, cols, blk)
-            ke = kj * jnp.exp(jnp.where(rin >= jj, G - Gj, -jnp.inf))
-            sel = col == diag_col + jj
-            A = A + jnp.where(sel, jnp.sum(k * ke, axis=1, keepdims=True), 0.0)
-            P = P + jnp.where(sel, jnp.sum(q * ke, axis=1, keepdims=True), 0.0)
-            return A, P
-
-        return lax.fori_loop(0, BC, row, (A, P))
+        return A, P
 
     zero = jnp.zeros((C, C), jnp.float32)
-    return _ktiles(K, bk, tile, (zero, zero))
+    A, P = _ktiles(K, bk, tile, (zero, zero))
+    same_blk = (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
+    pick = _block_pick(C)
+    return (A + jnp.where(same_blk, _mm_nt(d_ref[:, pl.ds(0, BC)], pick), 0.0),
+            P + jnp.where(same_blk, _mm_nt(d_ref[:, pl.ds(BC, BC)], pick), 0.0))
+
+
+def _block_pick(C):
+    """[C, 16]: pick[c, jj] = 1 where c is row jj of its 16-block (compact <-> [C, C] by an
+    exact, "ieee", product)."""
+    return jnp.where(_iota((C, BC), 0) % BC == _iota((C, BC), 1), 1.0, 0.0)
 
 
 def _unit_lower_inverse(L, C, mm):
@@ -171,9 +185,9 @@ def _keep_masks(run_ref, C, seg):
     return keep_a, keep_p
 
 
-def _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, *, C, K, bk, seg, mm):
+def _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, d_ref, *, C, K, bk, seg, mm):
     """A (strictly lower), P (lower), beta and M = (I + diag(beta) A)^-1 of one chunk."""
-    A, P = _chunk_pairs(q_ref, k_ref, g_ref, C=C, K=K, bk=bk, mm=mm)
+    A, P = _chunk_pairs(q_ref, k_ref, g_ref, d_ref, C=C, K=K, bk=bk, mm=mm)
     keep_a, keep_p = _keep_masks(run_ref, C, seg)
     A, P = jnp.where(keep_a, A, 0.0), jnp.where(keep_p, P, 0.0)
     beta = _f32(b_ref[...])
@@ -209,9 +223,9 @@ def _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, *, C, K, seg, bk
     _ktiles(K, bk, k_tile, 0)
 
 
-def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
+def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref, d_ref,
                       w_ref, u_ref, p_ref, kd_ref, m_ref, a_ref, *, C, K, V, seg, bk, bv, mm):
-    A, P, beta, M = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, C=C, K=K, bk=bk,
+    A, P, beta, M = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, d_ref, C=C, K=K, bk=bk,
                                   seg=seg, mm=mm)
     p_ref[...] = P
     m_ref[...] = M
@@ -324,7 +338,7 @@ def _intra_bwd_pairs_kernel(k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
     dp_ref[...] = dP
     # Exact ("ieee") selection products: dd must hold dA and dP unrounded.
     same_blk = (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
-    pick = jnp.where(_iota((C, BC), 0) % BC == _iota((C, BC), 1), 1.0, 0.0)
+    pick = _block_pick(C)
     dA_diag, dP_diag = jnp.where(same_blk, dA, 0.0), jnp.where(same_blk, dP, 0.0)
     dd_ref[:, pl.ds(0, BC)] = _mm(dP_diag, pick)
     dd_ref[:, pl.ds(BC, BC)] = _mm(dA_diag, pick)
@@ -406,7 +420,7 @@ class _Cfg(tuple):
 
     __slots__ = ()
     fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state",
-              "warps_channels", "stages", "mm")
+              "warps_blocks", "stages", "mm")
 
     def __new__(cls, **kw):
         return super().__new__(cls, tuple(kw[f] for f in cls.fields))
@@ -434,25 +448,39 @@ def _chunk_specs(C, K, V):
             pl.BlockSpec((None, C), lambda b, h, n: (b, n)))
 
 
-def _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg):
-    """W, U, P, kd = k * exp(G_C - G), M and A per chunk (parallel over chunks)."""
+def _diag_pairs(q, k, G, cfg):
+    """Compact diagonal 16-blocks of A and P, [B, Tp, H, 32] (grid over 16-row blocks)."""
+    B, Tp, H, K = q.shape
+    rows = pl.BlockSpec((None, BC, None, K), lambda b, h, n: (b, n, h, 0))
+    return pl.pallas_call(
+        _diag_pairs_kernel, grid=(B, H, Tp // BC), in_specs=[rows] * 3,
+        out_specs=pl.BlockSpec((None, BC, None, 2 * BC), lambda b, h, n: (b, n, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, H, 2 * BC), jnp.float32),
+        name="kda_diag_pairs", **_params(cfg, cfg.warps_blocks),
+    )(q, k, G)
+
+
+def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg):
+    """W, U, P, kd = k * exp(G_C - G), M and A per chunk (parallel over chunks); d: the
+    compact diagonal blocks of A and P (`_diag_pairs`)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     C = cfg.C
     ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
     kern = functools.partial(_intra_fwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk,
                              bv=min(cfg.bv, V), mm=cfg.mm)
+    cd = pl.BlockSpec((None, C, None, 2 * BC), lambda b, h, n: (b, n, h, 0))
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
-        in_specs=[ck, ck, cv, ck, cb, cm, cm, cm], out_specs=[ck, cv, cp, ck, cp, cp],
+        in_specs=[ck, ck, cv, ck, cb, cm, cm, cm, cd], out_specs=[ck, cv, cp, ck, cp, cp],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, C), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, K), f32)]
         + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2,
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
-    )(q, k, v, G, beta, run, fs, ls)
+    )(q, k, v, G, beta, run, fs, ls, d)
 
 
 def _seq_specs(Tp, K, C, bv):
@@ -589,7 +617,7 @@ def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh, cfg):
                    jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, K), f32),
                    jax.ShapeDtypeStruct((B, Tp // BC, H, K), f32)],
-        name="kda_intra_bwd_channels", **_params(cfg, cfg.warps_channels),
+        name="kda_intra_bwd_channels", **_params(cfg, cfg.warps_blocks),
     )(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh)
 
 
@@ -599,7 +627,7 @@ def _kda_core(q, k, v, G, beta, s0, run, fs, ls, cfg):
 
 
 def _kda_core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
-    w, u, p, kd, M, A = _intra_fwd(q, k, v, G, beta, run, fs, ls, cfg)
+    w, u, p, kd, M, A = _intra_fwd(q, k, v, G, beta, run, fs, ls, _diag_pairs(q, k, G, cfg), cfg)
     h, vn, sT = _state_fwd(G, fs, w, u, kd, s0, cfg)
     o = _out_fwd(q, G, fs, p, h, vn, cfg, v.dtype)
     return (o, sT), (q, k, v, G, beta, run, fs, ls, h, vn, p, M, A)
@@ -634,7 +662,7 @@ def _pow2_at_least_16(n):
 def chunk_kda_gpu(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
-    block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_warps_channels=4,
+    block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_warps_blocks=4,
     num_stages=1,
     matmul=None,
 ):
@@ -678,7 +706,7 @@ def chunk_kda_gpu(
         run = fs = ls = jnp.zeros((B, Tp), jnp.float32)
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
                warps_intra=num_warps_intra, warps_state=num_warps_state,
-               warps_channels=num_warps_channels, stages=num_stages,
+               warps_blocks=num_warps_blocks, stages=num_stages,
                mm=matmul or ("ieee" if dt == jnp.float32 else "tf32"))
     o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
     o = o[:, :T, :, :V]
