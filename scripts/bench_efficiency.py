@@ -2,6 +2,7 @@
 
     python scripts/bench_efficiency.py --out=DIR                       # Qwen3-0.6B config, random bf16
     python scripts/bench_efficiency.py --tiny --contexts=256,1024      # a CPU smoke run of the same code
+    python scripts/bench_efficiency.py --analytic                      # cache bytes only (any machine)
 
 The three models are built from the real Qwen3-0.6B config (random weights; speed does not
 depend on them): the teacher, the Hybrid-KDA student (attention kept at {0,2,6,11,13,18,21},
@@ -9,7 +10,9 @@ KDA elsewhere) and the AllMem student (every layer SWA + TTT memory). For each c
 decode-cache bytes per sequence (analytic, and the allocator's growth where the device reports
 it), time to first token at batch 1, and greedy decode tokens/s at batch `--decode_batch`.
 Writes DIR/efficiency.json and DIR/efficiency.png and prints a markdown table with the
-teacher/student ratios. A configuration that runs out of memory is recorded as OOM.
+teacher/student ratios. A configuration that runs out of memory is recorded as OOM. Rows are
+printed as they are measured, so a run cut short keeps what it finished; `--analytic` skips
+the timed measurements (the cache sizes need no accelerator).
 """
 
 from __future__ import annotations
@@ -51,13 +54,17 @@ def build_models(shape: dict, dtype: str, window: int, chunk: int):
     return {"teacher": teacher, "hybrid-kda": kda, "allmem": allmem}
 
 
-def measure(models: dict, contexts: list[int], decode_batch: int, steps: int) -> list[dict]:
+def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, analytic: bool) -> list[dict]:
     from hybrid_jax.eval import efficiency
 
     rows = []
     for ctx in contexts:
         for name, model in models.items():
             row = dict(model=name, context=ctx, cache_bytes=efficiency.cache_bytes_analytic(model, ctx))
+            rows.append(row)
+            if analytic:
+                print(json.dumps(row), flush=True)
+                continue
             try:
                 row["cache_bytes_measured"] = efficiency.cache_bytes_measured(model, ctx)
                 row["ttft_s"] = efficiency.time_to_first_token(model, ctx)
@@ -67,7 +74,6 @@ def measure(models: dict, contexts: list[int], decode_batch: int, steps: int) ->
                 if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                     raise
                 row["error"] = "OOM"
-            rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
@@ -78,7 +84,7 @@ def table(rows: list[dict]) -> str:
     teacher = {r["context"]: r for r in rows if r["model"] == "teacher"}
     for r in rows:
         t = teacher[r["context"]]
-        ttft = f"{1e3 * r['ttft_s']:.1f}" if "ttft_s" in r else r.get("error", "")
+        ttft = f"{1e3 * r['ttft_s']:.1f}" if "ttft_s" in r else r.get("error", "–")
         speed = f"{t['ttft_s'] / r['ttft_s']:.2f}x" if "ttft_s" in r and "ttft_s" in t else ""
         dec = f"{r['decode_tok_s']:,.0f}" if "decode_tok_s" in r else ""
         lines.append(f"| {r['context']} | {r['model']} | {r['cache_bytes'] / 2**20:,.1f} MiB | "
@@ -95,18 +101,18 @@ def main():
     ap.add_argument("--window", type=int, default=4096, help="AllMem sliding window")
     ap.add_argument("--chunk", type=int, default=512, help="AllMem memory chunk")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
+    ap.add_argument("--analytic", action="store_true", help="cache bytes only, no timed runs")
     args = ap.parse_args()
     import jax
 
     os.makedirs(args.out, exist_ok=True)
     dtype = "float32" if args.tiny else "bfloat16"
     models = build_models(TINY if args.tiny else QWEN3_0P6B, dtype, args.window, args.chunk)
-    rows = measure(models, [int(c) for c in args.contexts.split(",")], args.decode_batch, args.steps)
+    rows = measure(models, [int(c) for c in args.contexts.split(",")], args.decode_batch, args.steps,
+                   args.analytic)
     from hybrid_jax.eval.efficiency import efficiency_plot
 
-    ok = [r for r in rows if "ttft_s" in r]
-    if ok:
-        efficiency_plot(ok, os.path.join(args.out, "efficiency.png"))
+    efficiency_plot(rows, os.path.join(args.out, "efficiency.png"))
     device = jax.devices()[0].device_kind
     with open(os.path.join(args.out, "efficiency.json"), "w") as f:
         json.dump({"device": device, "jax": jax.__version__, "rows": rows}, f, indent=2)

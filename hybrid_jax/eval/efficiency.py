@@ -98,21 +98,25 @@ def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1,
 
 
 def efficiency_plot(rows: list[dict], path: str) -> str:
-    """PNG with two panels: time to first token and cache bytes against context length, per model.
+    """PNG of cache bytes against context length per model, beside time to first token where
+    any row has it.
 
-    rows: {"model", "context", "ttft_s", "cache_bytes"} dicts."""
+    rows: {"model", "context", "cache_bytes"} dicts, with "ttft_s" where it was measured
+    (rows without it appear in the cache panel only; with no timings at all, only that panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in dict.fromkeys(r["model"] for r in rows):
-        rs = sorted((r for r in rows if r["model"] == name), key=lambda r: r["context"])
-        xs = [r["context"] for r in rs]
-        a.plot(xs, [1e3 * r["ttft_s"] for r in rs], marker="o", label=name)
-        b.plot(xs, [r["cache_bytes"] / 2**20 for r in rs], marker="o", label=name)
-    for ax, label in ((a, "time to first token (ms)"), (b, "decode cache per sequence (MiB)")):
+    panels = [("cache_bytes", 2**-20, "decode cache per sequence (MiB)")]
+    if any("ttft_s" in r for r in rows):
+        panels.insert(0, ("ttft_s", 1e3, "time to first token (ms)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, scale, label) in zip(axes[0], panels):
+        for name in dict.fromkeys(r["model"] for r in rows):
+            rs = sorted((r for r in rows if r["model"] == name and key in r), key=lambda r: r["context"])
+            if rs:
+                ax.plot([r["context"] for r in rs], [scale * r[key] for r in rs], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")

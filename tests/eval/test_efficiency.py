@@ -47,3 +47,25 @@ def test_timings_are_positive(model):
 def test_efficiency_plot(tmp_path):
     rows = [dict(model=m, context=c, ttft_s=c * 1e-4, cache_bytes=c * 1024) for m in ("a", "b") for c in (16, 32)]
     assert open(efficiency.efficiency_plot(rows, str(tmp_path / "e.png")), "rb").read(4) == b"\x89PNG"
+
+
+def test_efficiency_plot_keeps_rows_without_timings(tmp_path):
+    """A run cut short (or --analytic) still plots every cache size it has."""
+    import matplotlib.pyplot as plt
+
+    seen = []
+    savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):
+        seen.append([[line.get_label() for line in ax.lines] for ax in fig.axes])
+        return savefig(fig, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        timed = dict(model="a", context=16, ttft_s=1e-3, cache_bytes=1024)
+        untimed = dict(model="b", context=32, cache_bytes=2048)
+        efficiency.efficiency_plot([timed, untimed], str(tmp_path / "e.png"))
+        efficiency.efficiency_plot([untimed], str(tmp_path / "f.png"))
+    finally:
+        plt.Figure.savefig = savefig
+    assert seen == [[["a"], ["a", "b"]], [["b"]]]
