@@ -176,7 +176,7 @@ def breakdown(shape, iters, variants):
             cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
                           bv=kw.get("bv", 64), bk=kw.get("bk", 32),
                           warps_intra=kw.get("wi", 4), warps_state=kw.get("ws", 4),
-                          warps_blocks=kw.get("wb", 4), stages=kw.get("st", 1),
+                          warps_blocks=kw.get("wb", 4), warps_diag=kw.get("wd", 2), stages=kw.get("st", 1),
                           mm=kw.get("mm", "tf32"))
 
             def jit(f, cfg=cfg, **kws):

@@ -102,20 +102,15 @@ def _diag_pairs_kernel(q_ref, k_ref, g_ref, d_ref):
     key row jj takes the pairwise exp(G_t - G_jj), masked before exp where t < jj."""
     G, k, q = _f32(g_ref[...]), _f32(k_ref[...]), _f32(q_ref[...])
     rin = _iota(G.shape, 0)
-    col = _iota((BC, BC), 1)
 
-    def row(jj, acc):
-        a, p = acc
+    def row(jj, carry):  # column jj of both blocks, stored straight to the output
         one = pl.ds(jj, 1)
         ke = _f32(k_ref[one, :]) * jnp.exp(jnp.where(rin >= jj, G - _f32(g_ref[one, :]), -jnp.inf))
-        a = jnp.where(col == jj, jnp.sum(k * ke, axis=1, keepdims=True), a)
-        p = jnp.where(col == jj, jnp.sum(q * ke, axis=1, keepdims=True), p)
-        return a, p
+        d_ref[:, pl.ds(jj, 1)] = jnp.sum(k * ke, axis=1, keepdims=True)
+        d_ref[:, pl.ds(BC + jj, 1)] = jnp.sum(q * ke, axis=1, keepdims=True)
+        return carry
 
-    z = jnp.zeros((BC, BC), jnp.float32)
-    a, p = lax.fori_loop(0, BC, row, (z, z))
-    d_ref[:, pl.ds(0, BC)] = a
-    d_ref[:, pl.ds(BC, BC)] = p
+    lax.fori_loop(0, BC, row, 0)
 
 
 def _chunk_pairs(q_ref, k_ref, g_ref, d_ref, *, C, K, bk, mm):
@@ -420,7 +415,7 @@ class _Cfg(tuple):
 
     __slots__ = ()
     fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state",
-              "warps_blocks", "stages", "mm")
+              "warps_blocks", "warps_diag", "stages", "mm")
 
     def __new__(cls, **kw):
         return super().__new__(cls, tuple(kw[f] for f in cls.fields))
@@ -456,7 +451,7 @@ def _diag_pairs(q, k, G, cfg):
         _diag_pairs_kernel, grid=(B, H, Tp // BC), in_specs=[rows] * 3,
         out_specs=pl.BlockSpec((None, BC, None, 2 * BC), lambda b, h, n: (b, n, h, 0)),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, 2 * BC), jnp.float32),
-        name="kda_diag_pairs", **_params(cfg, cfg.warps_blocks),
+        name="kda_diag_pairs", **_params(cfg, cfg.warps_diag),
     )(q, k, G)
 
 
@@ -663,7 +658,7 @@ def chunk_kda_gpu(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
     block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_warps_blocks=4,
-    num_stages=1,
+    num_warps_diag=2, num_stages=1,
     matmul=None,
 ):
     """Chunked KDA with the Pallas Triton kernels (inputs validated by the caller).
@@ -706,7 +701,7 @@ def chunk_kda_gpu(
         run = fs = ls = jnp.zeros((B, Tp), jnp.float32)
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
                warps_intra=num_warps_intra, warps_state=num_warps_state,
-               warps_blocks=num_warps_blocks, stages=num_stages,
+               warps_blocks=num_warps_blocks, warps_diag=num_warps_diag, stages=num_stages,
                mm=matmul or ("ieee" if dt == jnp.float32 else "tf32"))
     o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
     o = o[:, :T, :, :V]
