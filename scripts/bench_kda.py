@@ -2,7 +2,8 @@
 
     python scripts/bench_kda.py --impl pallas,reference --out bench.jsonl
     python scripts/bench_kda.py --impl fla --out bench.jsonl          # PyTorch process
-    python scripts/bench_kda.py --impl pallas --sweep --shapes 8x4096x16 --out sweep.jsonl
+    python scripts/bench_kda.py --impl pallas --shapes 8x4096x16 --kernels '[{}, {"diagonal": "levels"}]'
+    python scripts/bench_kda.py --shapes 8x4096x16 --breakdown '[{}, {"diag": "levels"}]'   # each kernel alone
 
 JAX and PyTorch run in separate processes (each allocator wants the card) but one call on
 one device. Inputs: q, k, v, beta bf16, g fp32 (log-decay from kda_gate's range), q/k
@@ -177,7 +178,7 @@ def breakdown(shape, iters, variants):
                           bv=kw.get("bv", 64), bk=kw.get("bk", 32),
                           warps_intra=kw.get("wi", 4), warps_state=kw.get("ws", 4),
                           warps_blocks=kw.get("wb", 4), warps_diag=kw.get("wd", 2), stages=kw.get("st", 1),
-                          mm=kw.get("mm", "tf32"))
+                          mm=kw.get("mm", "tf32"), diag=kw.get("diag", "loop"))
 
             def jit(f, cfg=cfg, **kws):
                 return jax.jit(lambda *a: f(*a, cfg, **kws))
@@ -186,14 +187,14 @@ def breakdown(shape, iters, variants):
             prep, sbwd = jit(cg._intra_prep_bwd), jit(cg._state_bwd)
             pairs, chans = jit(cg._intra_bwd_pairs), jit(cg._intra_bwd_channels)
             diag = jit(cg._diag_pairs)
-            d = diag(q, k, G)
+            d = diag(q, k, G) if cfg.diag == "loop" else None
             w, u, p, kd, M, A = intra(q, k, v, G, beta, m, m, m, d)
             h, vn, sT = state(G, m, w, u, kd, s0)
             w, kd, qg, dvl = prep(q, k, G, beta, m, m, M, p, dov)
             dh, dvn, _ = sbwd(G, m, w, kd, qg, dov, dvl, s0)
             dv, db, dA, dP, dd = pairs(k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)
             for name, fn, args in (
-                    ("diag_fwd", diag, (q, k, G)),
+                    ("diag_fwd", diag if cfg.diag == "loop" else None, (q, k, G)),
                     ("intra_fwd", intra, (q, k, v, G, beta, m, m, m, d)),
                     ("state_fwd", state, (G, m, w, u, kd, s0)),
                     ("out_fwd", out, (q, G, m, p, h, vn)),
@@ -201,7 +202,7 @@ def breakdown(shape, iters, variants):
                     ("state_bwd", sbwd, (G, m, w, kd, qg, dov, dvl, s0)),
                     ("pairs_bwd", pairs, (k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)),
                     ("channels_bwd", chans, (q, k, G, m, m, dA, dP, dd, dov, vn, dv, h, dh))):
-                if kw.get("fwd_only") and name.endswith("_bwd"):
+                if fn is None or kw.get("fwd_only") and name.endswith("_bwd"):
                     continue
                 row[name + "_ms"] = round(time_jax(fn, args, iters)[0] * 1e3, 3)
         except Exception as e:  # e.g. a variant over the shared-memory limit
@@ -215,7 +216,8 @@ def main():
     ap.add_argument("--shapes", default="8x4096x16,1x16384x16,1x65536x16")
     ap.add_argument("--head_dim", type=int, default=128)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--sweep", action="store_true", help="try kernel tile/warp variants")
+    ap.add_argument("--kernels", default="[{}]",
+                    help="JSON list of chunk_kda_gpu keyword sets to time (pallas only)")
     ap.add_argument("--out", default="bench_kda.jsonl")
     ap.add_argument("--breakdown", default="", help="JSON list of kernel variants to time alone")
     a = ap.parse_args()
@@ -224,15 +226,7 @@ def main():
     if a.breakdown:
         breakdown(shapes[0], a.iters, json.loads(a.breakdown))
         return
-    variants = [{}]
-    if a.sweep:
-        variants = [
-            dict(block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4),
-            dict(block_v=32, block_k=32, num_warps_intra=4, num_warps_state=4),
-            dict(block_v=64, block_k=64, num_warps_intra=8, num_warps_state=4),
-            dict(block_v=64, block_k=32, num_warps_intra=4, num_warps_state=8),
-            dict(block_v=128, block_k=32, num_warps_intra=4, num_warps_state=8),
-        ]
+    variants = json.loads(a.kernels)
     for shape in shapes:
         B, T, H, K, V = shape
         f_fwd, f_all = flops(*shape)

@@ -113,13 +113,39 @@ def _diag_pairs_kernel(q_ref, k_ref, g_ref, d_ref):
     lax.fori_loop(0, BC, row, 0)
 
 
+def _level_pairs(n, width, L):
+    """Pairs of one level of the in-block split, for sub-blocks of L rows (L = 16, 8, 4, 2)
+    of an n-row tile: query rows are the second half of their sub-block, key rows the first,
+    and the reference of both is the sub-block's last key row, so for every pair
+    exp(G_t - G_s) = exp(G_t - r) exp(r - G_s) with both factors <= 1, whatever the decay.
+    Returns sel [n,n] (row -> its reference row, for a selection product), the pair mask
+    [n,n] and the query-row mask [n,width]."""
+    t, c = _iota((n, n), 0), _iota((n, n), 1)
+    sel = jnp.where(c == (t // L) * L + L // 2 - 1, 1.0, 0.0)
+    pair = (t // L == c // L) & (t % L >= L // 2) & (c % L < L // 2)
+    return sel, pair, _iota((n, width), 0) % L >= L // 2
+
+
+def _level_factors(G, sel, query_row, mm):
+    """exp(G - r) on query rows and exp(r - G) on key rows (zero elsewhere), r from `sel`.
+    r is G at the reference row as the product rounds it; the same r enters both factors, so
+    the rounding cancels out of every pair."""
+    r = _mm(sel, G, mm)
+    return (jnp.exp(jnp.where(query_row, G - r, -jnp.inf)),
+            jnp.exp(jnp.where(query_row, -jnp.inf, r - G)))
+
+
+LEVELS = (16, 8, 4, 2)  # the in-block split: every pair s < t of a 16-block at exactly one level
+
+
 def _chunk_pairs(q_ref, k_ref, g_ref, d_ref, *, C, K, bk, mm):
     """A (k-k) and P (q-k) decayed products of one chunk as whole [C, C] matrices.
 
     Off the diagonal 16-blocks, for each key block j the reference row r = G[last row of j]
     factors exp(G_t - G_s) = exp(G_t - r) exp(r - G_s) (both <= 1 where kept, masked before
     exp elsewhere): one [C,bk]x[bk,C] tensor-core product per key block. The diagonal
-    blocks come from the diag kernel (`d_ref`, compact), expanded by an exact product.
+    blocks either come from the diag kernel (`d_ref`, compact, expanded by an exact product)
+    or, with d_ref None, from the in-block levels (`_level_pairs`): two products per level.
     Returns A (strictly lower, diagonal entries not yet masked) and P (lower)."""
     nb = C // BC
     blk = _iota((C, bk), 0) // BC
@@ -133,10 +159,20 @@ def _chunk_pairs(q_ref, k_ref, g_ref, d_ref, *, C, K, bk, mm):
             right = k * jnp.exp(jnp.where(blk == j, r - G, -jnp.inf))
             A = A + _mm_nt(k * e_left, right, mm)
             P = P + _mm_nt(q * e_left, right, mm)
+        if d_ref is None:
+            for L in LEVELS:
+                sel, pair, query_row = _level_pairs(C, bk, L)
+                e_q, e_k = _level_factors(G, sel, query_row, mm)
+                right = k * e_k
+                A = A + jnp.where(pair, _mm_nt(k * e_q, right, mm), 0.0)
+                P = P + jnp.where(pair, _mm_nt(q * e_q, right, mm), 0.0)
+            P = P + jnp.where(_iota((C, C), 0) == _iota((C, C), 1), _mm_nt(q, k, mm), 0.0)
         return A, P
 
     zero = jnp.zeros((C, C), jnp.float32)
     A, P = _ktiles(K, bk, tile, (zero, zero))
+    if d_ref is None:
+        return A, P
     same_blk = (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
     pick = _block_pick(C)
     return (A + jnp.where(same_blk, _mm_nt(d_ref[:, pl.ds(0, BC)], pick), 0.0),
@@ -331,6 +367,8 @@ def _intra_bwd_pairs_kernel(k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
     dP = jnp.where(keep_p, dP, 0.0)
     da_ref[...] = dA
     dp_ref[...] = dP
+    if dd_ref is None:  # the in-block levels read dA and dP directly
+        return
     # Exact ("ieee") selection products: dd must hold dA and dP unrounded.
     same_blk = (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
     pick = _block_pick(C)
@@ -388,6 +426,38 @@ def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_r
     dk = dk + dr
     dG = dG - dr * k
 
+    if dd_ref is None:
+        rq, rk, cs = _block_pair_grads(G, q, k, dp_ref[rows, blk_cols], da_ref[rows, blk_cols], mm)
+    else:
+        rq, rk, cs = _block_pair_grads_loop(G, q_ref, k_ref, g_ref, dd_ref, r0)
+    dq_ref[...] = (dq + rq).astype(dq_ref.dtype)
+    dk_ref[...] = (dk + rk + cs).astype(dk_ref.dtype)
+    dg_ref[...] = dG + q * rq + k * rk - k * cs
+
+
+def _block_pair_grads(G, q, k, dP, dA, mm):
+    """Pairs inside one 16-row block by the in-block levels: rq = sum_s dP[t,s] k_s e(t,s),
+    rk the same with dA, cs = sum_t (dP[t,s] q_t + dA[t,s] k_t) e(t,s), e = exp(G_t - G_s);
+    dP, dA: the block's [16,16] diagonal block (masked). Two [16,16]x[16,bk] products per
+    level and term."""
+    width = G.shape[1]
+    rq = rk = cs = jnp.zeros_like(G)
+    for L in LEVELS:
+        sel, pair, query_row = _level_pairs(BC, width, L)
+        e_q, e_k = _level_factors(G, sel, query_row, mm)
+        dp, da = jnp.where(pair, dP, 0.0), jnp.where(pair, dA, 0.0)
+        ke = k * e_k
+        rq = rq + e_q * _mm(dp, ke, mm)
+        rk = rk + e_q * _mm(da, ke, mm)
+        cs = cs + e_k * (_mm_tn(dp, q * e_q, mm) + _mm_tn(da, k * e_q, mm))
+    eye = jnp.where(_iota((BC, BC), 0) == _iota((BC, BC), 1), dP, 0.0)  # t = s: decay 1
+    return rq + _mm(eye, k, mm), rk, cs + _mm_tn(eye, q, mm)
+
+
+def _block_pair_grads_loop(G, q_ref, k_ref, g_ref, dd_ref, r0):
+    """The same as `_block_pair_grads` by a 16-step loop over the block's rows with
+    pairwise exps, reading dP and dA's diagonal blocks compactly from dd."""
+    rows = pl.ds(r0, BC)
     rin = _iota(G.shape, 0)
 
     def row(jj, acc):
@@ -403,10 +473,7 @@ def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_r
                 cs + (dpt * qj + dat * kj) * e_query)
 
     z = jnp.zeros_like(G)
-    rq, rk, cs = lax.fori_loop(0, BC, row, (z, z, z))
-    dq_ref[...] = (dq + rq).astype(dq_ref.dtype)
-    dk_ref[...] = (dk + rk + cs).astype(dk_ref.dtype)
-    dg_ref[...] = dG + q * rq + k * rk - k * cs
+    return lax.fori_loop(0, BC, row, (z, z, z))
 
 
 # ----------------------------------------------------------------------------- calls
@@ -415,13 +482,23 @@ class _Cfg(tuple):
 
     __slots__ = ()
     fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state",
-              "warps_blocks", "warps_diag", "stages", "mm")
+              "warps_blocks", "warps_diag", "stages", "mm", "diag")
 
     def __new__(cls, **kw):
         return super().__new__(cls, tuple(kw[f] for f in cls.fields))
 
     def __getattr__(self, name):
         return self[self.fields.index(name)]
+
+
+def _without(kernel, at, **static):
+    """The kernel with a None in place of the ref at position `at` (an operand left out)."""
+    body = functools.partial(kernel, **static)
+
+    def kern(*refs):
+        return body(*refs[:at], None, *refs[at:])
+
+    return kern
 
 
 def _params(cfg, warps):
@@ -457,25 +534,30 @@ def _diag_pairs(q, k, G, cfg):
 
 def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg):
     """W, U, P, kd = k * exp(G_C - G), M and A per chunk (parallel over chunks); d: the
-    compact diagonal blocks of A and P (`_diag_pairs`)."""
+    compact diagonal blocks of A and P (`_diag_pairs`), or None for the in-block levels."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     C = cfg.C
     ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
-    kern = functools.partial(_intra_fwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk,
-                             bv=min(cfg.bv, V), mm=cfg.mm)
-    cd = pl.BlockSpec((None, C, None, 2 * BC), lambda b, h, n: (b, n, h, 0))
+    static = dict(C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk, bv=min(cfg.bv, V), mm=cfg.mm)
+    in_specs, args = [ck, ck, cv, ck, cb, cm, cm, cm], [q, k, v, G, beta, run, fs, ls]
+    if d is None:
+        kern = _without(_intra_fwd_kernel, 8, **static)
+    else:
+        kern = functools.partial(_intra_fwd_kernel, **static)
+        in_specs.append(pl.BlockSpec((None, C, None, 2 * BC), lambda b, h, n: (b, n, h, 0)))
+        args.append(d)
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
-        in_specs=[ck, ck, cv, ck, cb, cm, cm, cm, cd], out_specs=[ck, cv, cp, ck, cp, cp],
+        in_specs=in_specs, out_specs=[ck, cv, cp, ck, cp, cp],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, C), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, K), f32)]
         + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2,
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
-    )(q, k, v, G, beta, run, fs, ls, d)
+    )(*args)
 
 
 def _seq_specs(Tp, K, C, bv):
@@ -564,20 +646,24 @@ def _intra_bwd_pairs(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn, cfg):
     V = v.shape[-1]
     C = cfg.C
     ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
-    cd = pl.BlockSpec((None, C, None, 4 * BC), lambda b, h, n: (b, n, h, 0))
-    kern = functools.partial(_intra_bwd_pairs_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk,
-                             bv=min(cfg.bv, V), mm=cfg.mm)
+    static = dict(C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk, bv=min(cfg.bv, V), mm=cfg.mm)
     f32 = jnp.float32
-    return pl.pallas_call(
+    out_specs = [cv, cb, cp, cp]
+    out_shape = ([jax.ShapeDtypeStruct((B, Tp, H, V), f32), jax.ShapeDtypeStruct((B, Tp, H), f32)]
+                 + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2)
+    if cfg.diag == "loop":  # the channel kernel's loop reads the diagonal blocks compactly
+        kern = functools.partial(_intra_bwd_pairs_kernel, **static)
+        out_specs.append(pl.BlockSpec((None, C, None, 4 * BC), lambda b, h, n: (b, n, h, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, Tp, H, 4 * BC), f32))
+    else:
+        kern = _without(_intra_bwd_pairs_kernel, 17, **static)
+    out = pl.pallas_call(
         kern, grid=(B, H, Tp // C),
         in_specs=[ck, cv, ck, cb, cm, cm, cm, cp, cp, cv, _chunk_state_spec(K, V), cv, cv],
-        out_specs=[cv, cb, cp, cp, cd],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H), f32)]
-        + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2
-        + [jax.ShapeDtypeStruct((B, Tp, H, 4 * BC), f32)],
+        out_specs=out_specs, out_shape=out_shape,
         name="kda_intra_bwd_pairs", **_params(cfg, cfg.warps_intra),
     )(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn)
+    return tuple(out) + (() if cfg.diag == "loop" else (None,))
 
 
 def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh, cfg):
@@ -602,18 +688,25 @@ def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh, cfg):
     last = pl.BlockSpec((None, 1, None, bk), lambda b, h, n: (b, n // NK, h, n % NK))
     tile = chunk(bk, tiled=True)
     f32 = jnp.float32
+    static = dict(C=C, NK=NK, seg=cfg.seg, mm=cfg.mm)
+    in_specs = [tile, tile, tile, flags, flags, chunk(C), chunk(C), chunk(4 * BC),
+                block_rows(V), block_rows(V), block_rows(V), state, state]
+    args = [q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh]
+    if dd is None:
+        kern = _without(_intra_bwd_channels_kernel, 7, **static)
+        del in_specs[7], args[7]
+    else:
+        kern = functools.partial(_intra_bwd_channels_kernel, **static)
     return pl.pallas_call(
-        functools.partial(_intra_bwd_channels_kernel, C=C, NK=NK, seg=cfg.seg, mm=cfg.mm),
-        grid=(B, H, Tp // C * NB * NK),
-        in_specs=[tile, tile, tile, flags, flags, chunk(C), chunk(C), chunk(4 * BC),
-                  block_rows(V), block_rows(V), block_rows(V), state, state],
+        kern, grid=(B, H, Tp // C * NB * NK),
+        in_specs=in_specs,
         out_specs=[block_rows(bk, True)] * 3 + [last],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), q.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, K), f32),
                    jax.ShapeDtypeStruct((B, Tp // BC, H, K), f32)],
         name="kda_intra_bwd_channels", **_params(cfg, cfg.warps_blocks),
-    )(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh)
+    )(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
@@ -622,7 +715,8 @@ def _kda_core(q, k, v, G, beta, s0, run, fs, ls, cfg):
 
 
 def _kda_core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
-    w, u, p, kd, M, A = _intra_fwd(q, k, v, G, beta, run, fs, ls, _diag_pairs(q, k, G, cfg), cfg)
+    d = _diag_pairs(q, k, G, cfg) if cfg.diag == "loop" else None
+    w, u, p, kd, M, A = _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg)
     h, vn, sT = _state_fwd(G, fs, w, u, kd, s0, cfg)
     o = _out_fwd(q, G, fs, p, h, vn, cfg, v.dtype)
     return (o, sT), (q, k, v, G, beta, run, fs, ls, h, vn, p, M, A)
@@ -659,7 +753,7 @@ def chunk_kda_gpu(
     use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
     block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_warps_blocks=4,
     num_warps_diag=2, num_stages=1,
-    matmul=None,
+    matmul=None, diagonal="loop",
 ):
     """Chunked KDA with the Pallas Triton kernels (inputs validated by the caller).
 
@@ -667,6 +761,9 @@ def chunk_kda_gpu(
     in fp32, pads T to a multiple of the chunk and K, V to powers of two (zero tokens and
     zero channels leave the state unchanged), and turns segment ids into run masks.
     matmul: "ieee" | "tf32" | "bf16" (default: "ieee" for fp32 inputs, "tf32" otherwise).
+    diagonal: how pairs inside each 16-token block are formed, forward and backward:
+      "loop" (one row per step, pairwise exps; the diag kernel) or "levels" (the in-block
+      split of `_level_pairs`: tensor-core products whose factors are <= 1 at any decay).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -702,7 +799,7 @@ def chunk_kda_gpu(
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
                warps_intra=num_warps_intra, warps_state=num_warps_state,
                warps_blocks=num_warps_blocks, warps_diag=num_warps_diag, stages=num_stages,
-               mm=matmul or ("ieee" if dt == jnp.float32 else "tf32"))
+               mm=matmul or ("ieee" if dt == jnp.float32 else "tf32"), diag=diagonal)
     o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
     o = o[:, :T, :, :V]
     return o, (sT[:, :, :K, :V] if output_final_state else None)

@@ -18,6 +18,9 @@ CASES = [  # B, T, H, K, V, chunk, g_min, initial state, segments, beta, kernel 
     # two K tiles: the loops over channel tiles
     (1, 130, 3, 32, 16, 64, -3.0, False, False, "random", dict(block_k=16)),
     (1, 1, 1, 16, 16, 32, -20.0, True, False, "extremes", {}),
+    # the in-block levels instead of the row loops, at the strongest decay
+    (2, 63, 1, 16, 32, 32, -20.0, True, True, "extremes", dict(block_v=16, diagonal="levels")),
+    (1, 130, 3, 32, 16, 64, -20.0, False, False, "random", dict(block_k=16, diagonal="levels")),
 ]
 
 
@@ -83,8 +86,8 @@ def test_chunked_prefill_then_recurrent_decode():
     assert rms_rel(s, s_full) <= 1e-5
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_kernels_lower_for_cuda_forward_and_backward(segments):
+@pytest.mark.parametrize("segments,diagonal", [(False, "loop"), (True, "loop"), (True, "levels")])
+def test_kernels_lower_for_cuda_forward_and_backward(segments, diagonal):
     from pallas_kernels.kda.chunk_gpu import chunk_kda_gpu
 
     B, T, H, K, V = 1, 128, 2, 64, 128
@@ -97,7 +100,7 @@ def test_kernels_lower_for_cuda_forward_and_backward(segments):
 
     def loss(q, k, v, g, beta):
         o, s = chunk_kda_gpu(q, k, v, g, beta, segment_ids=seg, output_final_state=True,
-                             use_qk_l2norm_in_kernel=True)
+                             use_qk_l2norm_in_kernel=True, diagonal=diagonal)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
