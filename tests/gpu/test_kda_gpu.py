@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.kda import chunk_kda
+from pallas_kernels.kda.chunk_gpu import chunk_kda_gpu
 from pallas_kernels.kda.reference import chunk_kda_reference
 
 
@@ -14,8 +14,9 @@ def _rms_rel(x, ref):
     return float(np.sqrt(np.mean((x - ref) ** 2) / np.mean(ref ** 2)))
 
 
-@pytest.mark.parametrize("chunk_size,segments", [(64, False), (64, True), (32, False)])
-def test_bf16_kernel_matches_fp32_oracle(chunk_size, segments):
+@pytest.mark.parametrize("chunk_size,segments,diagonal", [
+    (64, False, "loop"), (64, True, "loop"), (32, False, "loop"), (64, True, "levels")])
+def test_bf16_kernel_matches_fp32_oracle(chunk_size, segments, diagonal):
     B, T, H, K, V = 1, 4096, 2, 128, 128
     ks = jax.random.split(jax.random.PRNGKey(chunk_size + segments), 8)
     bf = jnp.bfloat16
@@ -36,7 +37,7 @@ def test_bf16_kernel_matches_fp32_oracle(chunk_size, segments):
         return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(sT * ws), (o, sT)
 
     ours = jax.jit(jax.value_and_grad(
-        lambda *a: loss(lambda *b, **kw: chunk_kda(*b, backend="pallas_gpu", **kw), *a),
+        lambda *a: loss(lambda *b, **kw: chunk_kda_gpu(*b, diagonal=diagonal, **kw), *a),
         argnums=range(6), has_aux=True))
     ref = jax.jit(jax.value_and_grad(lambda *a: loss(chunk_kda_reference, *a),
                                      argnums=range(6), has_aux=True))
