@@ -207,7 +207,13 @@ def default_positions(segment_ids: jax.Array) -> jax.Array:
 
 def fold_segment_ids(input_ids, attention_mask=None, segment_ids=None) -> jax.Array:
     """segment_ids (default 1) times the attention mask: 0 marks padding."""
-    seg = jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if segment_ids is None:
+        # The barrier keeps the default ids from being a compile-time constant: the scans over them
+        # (positions, document starts in the attention/KDA kernels) would otherwise be constant-folded
+        # by XLA, which on GPU evaluates a `map` element by element (~2 s per scan at T = 128K).
+        seg = jax.lax.optimization_barrier(jnp.ones(input_ids.shape, jnp.int32))
+    else:
+        seg = segment_ids.astype(jnp.int32)
     if attention_mask is not None:
         seg = seg * (attention_mask != 0).astype(jnp.int32)
     return seg
