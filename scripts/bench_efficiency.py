@@ -54,7 +54,8 @@ def build_models(shape: dict, dtype: str, window: int, chunk: int):
     return {"teacher": teacher, "hybrid-kda": kda, "allmem": allmem}
 
 
-def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, analytic: bool) -> list[dict]:
+def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, analytic: bool,
+            repeats: int = 3) -> list[dict]:
     from hybrid_jax.eval import efficiency
 
     rows = []
@@ -67,9 +68,9 @@ def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, an
                 continue
             try:
                 row["cache_bytes_measured"] = efficiency.cache_bytes_measured(model, ctx)
-                row["ttft_s"] = efficiency.time_to_first_token(model, ctx)
+                row["ttft_s"] = efficiency.time_to_first_token(model, ctx, repeats=repeats)
                 row["decode_tok_s"] = efficiency.decode_tokens_per_second(model, ctx, batch_size=decode_batch,
-                                                                          steps=steps)
+                                                                          steps=steps, repeats=repeats)
             except Exception as e:  # noqa: BLE001 - an out-of-memory size is a result, recorded as such
                 if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                     raise
@@ -102,6 +103,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=512, help="AllMem memory chunk")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
     ap.add_argument("--analytic", action="store_true", help="cache bytes only, no timed runs")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per measurement (median); 1 saves device time at long contexts")
     args = ap.parse_args()
     import jax
 
@@ -109,7 +112,7 @@ def main():
     dtype = "float32" if args.tiny else "bfloat16"
     models = build_models(TINY if args.tiny else QWEN3_0P6B, dtype, args.window, args.chunk)
     rows = measure(models, [int(c) for c in args.contexts.split(",")], args.decode_batch, args.steps,
-                   args.analytic)
+                   args.analytic, args.repeats)
     from hybrid_jax.eval.efficiency import efficiency_plot
 
     efficiency_plot(rows, os.path.join(args.out, "efficiency.png"))
