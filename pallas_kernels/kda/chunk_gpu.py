@@ -15,13 +15,15 @@ tensor-core products rather than many 16x16 ones:
   * A and P off the diagonal 16-blocks: for key block j, exp(G_t - G_s) factors through the
     reference row r = G[last row of j] as exp(G_t - r) exp(r - G_s), both exponents <= 0
     where kept (masked before exp elsewhere): one [C,bk]x[bk,C] product per key block.
-    On the diagonal blocks (where no such reference is safe) a separate kernel over 16-row
-    blocks takes one key row per step, pairwise and masked before exp.
+    On the diagonal blocks no single reference is safe. diagonal="loop" (default): a kernel
+    over 16-row blocks takes one key row per step, pairwise and masked before exp.
+    diagonal="levels": a 4-level halving split of each block, every pair meeting once through
+    a reference between its two rows, as tensor-core products (`_level_pairs`).
   * M by block doubling: (I+D)^-1 = (I+N)(I+N^2)(I+N^4)(I+N^8) for the diagonal blocks D
     (N = -D), then (I+L)^-1 = (I - F)(I + F^2)(I+D)^-1 with F = (I+D)^-1 (L - D), F^4 = 0.
 
 Kernels (fp32 accumulation; matmul operands per `matmul` mode):
-  forward   diag_pairs (B,H,16-row blocks)  the diagonal 16-blocks of A and P
+  forward   diag_pairs (B,H,16-row blocks)  the diagonal 16-blocks of A and P ("loop" only)
             intra_fwd  (B,H,chunks)  W, U, P, kd = k exp(G_C - G), M, A
             state_fwd  (B,H,V tiles) sequential: h (state entering each chunk), v_new, S_T
             out_fwd    (B,H,chunks)  o
