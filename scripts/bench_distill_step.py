@@ -3,6 +3,7 @@
     python scripts/bench_distill_step.py --out=DIR                  # Qwen3-0.6B teacher -> Hybrid-KDA, seq 4096
     python scripts/bench_distill_step.py --out=DIR --logit_chunk=0  # the same with unchunked [B, T, V] logits
     python scripts/bench_distill_step.py --tiny --seq_len=128       # CPU smoke run of the same code
+    python scripts/bench_distill_step.py --out=DIR --breakdown      # also time the step's parts alone
 
 The teacher is built from the Qwen3-0.6B config (random weights; speed does not depend on
 them) and the student is its Hybrid-KDA conversion (attention kept at {0,2,6,11,13,18,21}).
@@ -17,6 +18,11 @@ The stage's logit loss runs fused with both lm_heads, `--logit_chunk` positions 
 (`stages.*.logit_chunk`; 0 = materialise [B, T, V] float32 logits for teacher and student). It
 forms the student's lm_head gradient inside the forward scan, so it adds no FLOPs to the count
 above; peak memory is the process's peak (run one setting per process to compare).
+
+`--breakdown` times, each jitted alone at the same [B, T]: the teacher's forward, the student's
+forward and forward+backward (to the final hidden state, no lm_head), and one mixer of each kind
+and one MLP (forward+backward, input and parameter gradients) times their count, beside the
+whole trainer step, so the step's time can be apportioned without a profiler.
 """
 
 from __future__ import annotations
@@ -78,6 +84,65 @@ def step_flops_per_token(student, teacher, seq_len: int, chunk: int) -> float:
     return 6 * matmul_params(student) + 3 * student_mixing + 2 * matmul_params(teacher) + c.num_hidden_layers * attn
 
 
+def _median_ms(fn, args, iters: int = 5) -> float:
+    import time
+
+    import jax
+
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[dict]:
+    """Milliseconds of the step's parts, each jitted alone (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from hybrid_jax.models.hybrid import layer_kinds
+
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, teacher.config.vocab_size, (batch, seq_len)), jnp.int32)
+    seg = jnp.ones((batch, seq_len), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+
+    def grads_of(module, apply, wrt_input=True):
+        """jit(grad) of mean(apply(module, x)^2) over the module's parameters (and x)."""
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+        def loss(p, x):
+            return jnp.mean(jnp.square(apply(nnx.merge(graphdef, p, rest), x).astype(jnp.float32)))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1) if wrt_input else 0)), params
+
+    def final_hidden(model, x):
+        return model.forward(x, segment_ids=seg, positions=pos, logits="none", output_hidden_states=True).hidden_states[-1]
+
+    rows = []
+    fwd = jax.jit(lambda m, x: final_hidden(nnx.merge(*m), x))
+    rows.append(dict(part="teacher forward", count=1, ms=_median_ms(fwd, (nnx.split(teacher), ids))))
+    rows.append(dict(part="student forward", count=1, ms=_median_ms(fwd, (nnx.split(student), ids))))
+    g, params = grads_of(student, final_hidden, wrt_input=False)  # token ids: no gradient
+    rows.append(dict(part="student forward+backward", count=1, ms=_median_ms(g, (params, ids))))
+
+    x = jax.random.normal(jax.random.key(1), (batch, seq_len, teacher.config.hidden_size)).astype(compute)
+    kinds = layer_kinds(student)
+    for kind in dict.fromkeys(kinds):
+        block = student.blocks[kinds.index(kind)]
+        g, params = grads_of(block.mixer, lambda m, h: m(h, positions=pos, segment_ids=seg)[0])
+        rows.append(dict(part=f"{kind} mixer forward+backward", count=kinds.count(kind), ms=_median_ms(g, (params, x))))
+    g, params = grads_of(student.blocks[0].mlp, lambda m, h: m(h))
+    rows.append(dict(part="MLP forward+backward", count=len(kinds), ms=_median_ms(g, (params, x))))
+    for r in rows:
+        r["total_ms"] = r["ms"] * r["count"]
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_distill_step")
@@ -88,6 +153,7 @@ def main():
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--logit_chunk", type=int, default=1024, help="positions per fused lm_head+loss chunk; 0 = unchunked")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="also time the step's parts alone")
     args = ap.parse_args()
     import jax
     from flax import nnx
@@ -125,6 +191,13 @@ def main():
                   logit_chunk=args.logit_chunk,
                   tokens_per_s=tps, achieved_tflops=flops / 1e12, mfu=(flops / peak) if peak else None,
                   peak_memory_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None, layer_spec=spec)
+    if args.breakdown:
+        step_ms = 1e3 * args.batch * args.seq_len / tps
+        result["breakdown"] = [dict(part="whole trainer step", count=1, ms=step_ms, total_ms=step_ms)]
+        result["breakdown"] += breakdown(teacher, student, args.batch, args.seq_len, compute)
+        for r in result["breakdown"]:
+            print(f"{r['part']:<36} {r['count']:>3} x {r['ms']:9.2f} ms = {r['total_ms']:9.2f} ms "
+                  f"({100 * r['total_ms'] / step_ms:5.1f}% of the step)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "distill_step.json"), "w") as f:
         json.dump(result, f, indent=2)
