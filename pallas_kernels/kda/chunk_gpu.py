@@ -140,6 +140,12 @@ def _level_factors(G, sel, query_row, mm):
 LEVELS = (16, 8, 4, 2)  # the in-block split: every pair s < t of a 16-block at exactly one level
 
 
+def _levels_mm(mm):
+    """Operand precision of the in-block level products: at least tf32. The nearest pairs
+    carry the least decay, and bf16 operands there doubled dg's error (CPU, interpret)."""
+    return "tf32" if mm == "bf16" else mm
+
+
 def _chunk_pairs(q_ref, k_ref, g_ref, d_ref, *, C, K, bk, mm):
     """A (k-k) and P (q-k) decayed products of one chunk as whole [C, C] matrices.
 
@@ -162,13 +168,15 @@ def _chunk_pairs(q_ref, k_ref, g_ref, d_ref, *, C, K, bk, mm):
             A = A + _mm_nt(k * e_left, right, mm)
             P = P + _mm_nt(q * e_left, right, mm)
         if d_ref is None:
+            lmm = _levels_mm(mm)
             for L in LEVELS:
                 sel, pair, query_row = _level_pairs(C, bk, L)
-                e_q, e_k = _level_factors(G, sel, query_row, mm)
+                e_q, e_k = _level_factors(G, sel, query_row, lmm)
                 right = k * e_k
-                A = A + jnp.where(pair, _mm_nt(k * e_q, right, mm), 0.0)
-                P = P + jnp.where(pair, _mm_nt(q * e_q, right, mm), 0.0)
-            P = P + jnp.where(_iota((C, C), 0) == _iota((C, C), 1), _mm_nt(q, k, mm), 0.0)
+                A = A + jnp.where(pair, _mm_nt(k * e_q, right, lmm), 0.0)
+                P = P + jnp.where(pair, _mm_nt(q * e_q, right, lmm), 0.0)
+            P = P + jnp.where(_iota((C, C), 0) == _iota((C, C), 1),  # t = s, in fp32
+                              jnp.sum(q * k, axis=1, keepdims=True), 0.0)
         return A, P
 
     zero = jnp.zeros((C, C), jnp.float32)
@@ -429,7 +437,8 @@ def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_r
     dG = dG - dr * k
 
     if dd_ref is None:
-        rq, rk, cs = _block_pair_grads(G, q, k, dp_ref[rows, blk_cols], da_ref[rows, blk_cols], mm)
+        rq, rk, cs = _block_pair_grads(G, q, k, dp_ref[rows, blk_cols], da_ref[rows, blk_cols],
+                                       _levels_mm(mm))
     else:
         rq, rk, cs = _block_pair_grads_loop(G, q_ref, k_ref, g_ref, dd_ref, r0)
     dq_ref[...] = (dq + rq).astype(dq_ref.dtype)
@@ -452,8 +461,10 @@ def _block_pair_grads(G, q, k, dP, dA, mm):
         rq = rq + e_q * _mm(dp, ke, mm)
         rk = rk + e_q * _mm(da, ke, mm)
         cs = cs + e_k * (_mm_tn(dp, q * e_q, mm) + _mm_tn(da, k * e_q, mm))
-    eye = jnp.where(_iota((BC, BC), 0) == _iota((BC, BC), 1), dP, 0.0)  # t = s: decay 1
-    return rq + _mm(eye, k, mm), rk, cs + _mm_tn(eye, q, mm)
+    # t = s (P only, decay 1) elementwise in fp32: its dG terms q dP_tt k - k dP_tt q then
+    # cancel exactly, which rounded matmul operands would not.
+    d = jnp.sum(jnp.where(_iota((BC, BC), 0) == _iota((BC, BC), 1), dP, 0.0), axis=1, keepdims=True)
+    return rq + d * k, rk, cs + d * q
 
 
 def _block_pair_grads_loop(G, q_ref, k_ref, g_ref, dd_ref, r0):
