@@ -16,6 +16,20 @@ def run_cached(layer, x, pos, seg, cache):
     return layer(x, positions=pos, segment_ids=seg, cache=cache)
 
 
+def run_in_pieces(layer, x, pos, seg, cache, pieces):
+    """(output over all of x, final cache) of a mixer fed `pieces` tokens at a time from `cache`
+    (e.g. a prefill, a multi-token continuation, then single-token decode steps)."""
+    import jax.numpy as jnp
+
+    outs, t = [], 0
+    for n in pieces:
+        y, cache = run_cached(layer, x[:, t:t + n], None if pos is None else pos[:, t:t + n],
+                              seg[:, t:t + n], cache)
+        outs.append(y)
+        t += n
+    return jnp.concatenate(outs, axis=1), cache
+
+
 def rms_rel(x, ref):
     """RMS-relative error of x against ref (float64)."""
     x = np.asarray(x, np.float64)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from hybrid_jax.layers.kda import KDA
 from tests.convert.efficient_qwen_reference import RefEfficientKDA
-from tests.layers.helpers import randomize, rms_rel, run, run_cached
+from tests.layers.helpers import randomize, rms_rel, run, run_in_pieces
 
 D, H, HD, K = 32, 4, 8, 4
 OPTIONS = {
@@ -95,12 +95,8 @@ def test_decode_equals_forward_with_packing_and_padding(name):
     full = run(layer, x, None, seg)
     cache = layer.init_cache(2, 32, jnp.float32)
     assert cache["k_conv"].shape == (2, K - 1, OPTIONS[name]["num_kv_heads"], HD)
-    outs, t = [], 0
-    for n in [5, 4] + [1] * (T - 9):  # prefill, multi-token continuation, decode
-        y, cache = run_cached(layer, x[:, t:t + n], None, seg[:, t:t + n], cache)
-        outs.append(y)
-        t += n
-    got = jnp.concatenate(outs, axis=1)
+    # prefill, multi-token continuation, decode
+    got, cache = run_in_pieces(layer, x, None, seg, cache, [5, 4] + [1] * (T - 9))
     real = np.asarray(seg) != 0
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(full)[real], atol=1e-5, rtol=1e-5)
 

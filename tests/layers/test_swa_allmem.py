@@ -10,7 +10,7 @@ from hybrid_jax.layers.allmem import AllMem, sample_allmem_hparams
 from hybrid_jax.layers.attention import Attention
 from hybrid_jax.layers.swa import SlidingWindowAttention
 from hybrid_jax.layers.ttt_memory import TTTMemory
-from tests.layers.helpers import randomize, run, run_cached
+from tests.layers.helpers import randomize, run, run_in_pieces
 
 D, H, KH, HD, T = 32, 4, 2, 8, 13
 # row 0: 3 pads then one document; row 1: two packed documents, the second starting inside
@@ -37,12 +37,9 @@ def decode_matches_forward(layer, x, seg):
     pos = positions(seg)
     full = run(layer, x, pos, seg)
     cache = layer.init_cache(2, 16, jnp.float32)  # max_length 16 < window 20: a 16-slot ring
-    outs, t = [], 0
-    for n in [5, 3] + [1] * (T - 8):  # prefill, multi-token continuation, decode
-        y, cache = run_cached(layer, x[:, t:t + n], pos[:, t:t + n], seg[:, t:t + n], cache)
-        outs.append(y)
-        t += n
-    got = np.asarray(jnp.concatenate(outs, axis=1))
+    # prefill, multi-token continuation, decode
+    got, cache = run_in_pieces(layer, x, pos, seg, cache, [5, 3] + [1] * (T - 8))
+    got = np.asarray(got)
     real = np.asarray(seg) != 0
     np.testing.assert_allclose(got[real], np.asarray(full)[real], atol=2e-5, rtol=2e-5)
     assert int(cache["index"]) == T
