@@ -89,6 +89,16 @@ def _iota(shape, dim):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
+def _on_diagonal(n):
+    """[n, n] mask of the diagonal."""
+    return _iota((n, n), 0) == _iota((n, n), 1)
+
+
+def _same_block(C):
+    """[C, C] mask of the pairs inside one 16-row block (the diagonal blocks)."""
+    return (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
+
+
 def _ktiles(K, bk, body, init):
     """fori_loop over K tiles of width bk (a loop, not unrolled, to keep the IR small)."""
     def step(t, carry):
@@ -175,7 +185,7 @@ def _chunk_pairs(q_ref, k_ref, g_ref, d_ref, *, C, K, bk, mm):
                 right = k * e_k
                 A = A + jnp.where(pair, _mm_nt(k * e_q, right, lmm), 0.0)
                 P = P + jnp.where(pair, _mm_nt(q * e_q, right, lmm), 0.0)
-            P = P + jnp.where(_iota((C, C), 0) == _iota((C, C), 1),  # t = s, in fp32
+            P = P + jnp.where(_on_diagonal(C),  # t = s, in fp32
                               jnp.sum(q * k, axis=1, keepdims=True), 0.0)
         return A, P
 
@@ -183,8 +193,7 @@ def _chunk_pairs(q_ref, k_ref, g_ref, d_ref, *, C, K, bk, mm):
     A, P = _ktiles(K, bk, tile, (zero, zero))
     if d_ref is None:
         return A, P
-    same_blk = (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
-    pick = _block_pick(C)
+    same_blk, pick = _same_block(C), _block_pick(C)
     return (A + jnp.where(same_blk, _mm_nt(d_ref[:, pl.ds(0, BC)], pick), 0.0),
             P + jnp.where(same_blk, _mm_nt(d_ref[:, pl.ds(BC, BC)], pick), 0.0))
 
@@ -201,9 +210,8 @@ def _unit_lower_inverse(L, C, mm):
     D = the diagonal 16-blocks of L: (I+D)^-1 = (I+N)(I+N^2)(I+N^4)(I+N^8), N = -D
     (nilpotent of order 16). With F = (I+D)^-1 (L - D), block strictly lower over at most
     4 blocks so F^4 = 0: (I+L)^-1 = (I+F)^-1 (I+D)^-1 = (I - F)(I + F^2) (I+D)^-1."""
-    eye = jnp.where(_iota((C, C), 0) == _iota((C, C), 1), 1.0, 0.0)
-    same_blk = (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
-    D = jnp.where(same_blk, L, 0.0)
+    eye = jnp.where(_on_diagonal(C), 1.0, 0.0)
+    D = jnp.where(_same_block(C), L, 0.0)
     n = -D
     md = eye + n
     for _ in range(3):
@@ -380,8 +388,7 @@ def _intra_bwd_pairs_kernel(k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
     if dd_ref is None:  # the in-block levels read dA and dP directly
         return
     # Exact ("ieee") selection products: dd must hold dA and dP unrounded.
-    same_blk = (_iota((C, C), 0) // BC) == (_iota((C, C), 1) // BC)
-    pick = _block_pick(C)
+    same_blk, pick = _same_block(C), _block_pick(C)
     dA_diag, dP_diag = jnp.where(same_blk, dA, 0.0), jnp.where(same_blk, dP, 0.0)
     dd_ref[:, pl.ds(0, BC)] = _mm(dP_diag, pick)
     dd_ref[:, pl.ds(BC, BC)] = _mm(dA_diag, pick)
@@ -397,7 +404,8 @@ def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_r
     q/k/g refs hold the whole chunk's K tile; do, vn, dv (= T^T d v_new) the block's rows.
     With S_after = diag(exp(G_C)) S + (k dec)^T v_new and A, P as in the forward pass, the
     pairs (t, s) split into: s in an earlier block (this block's rows as queries), t in a
-    later block (its rows as keys) and both in block i (a 16-step loop, pairwise exps).
+    later block (its rows as keys) and both in block i (`_block_pair_grads` or its loop form;
+    dd is None for the former).
     dgl gets this block's share of d/dG_C (summed over blocks by the caller)."""
     i = (pl.program_id(2) // NK) % (C // BC)
     r0 = pl.multiple_of(i * BC, BC)
@@ -463,7 +471,7 @@ def _block_pair_grads(G, q, k, dP, dA, mm):
         cs = cs + e_k * (_mm_tn(dp, q * e_q, mm) + _mm_tn(da, k * e_q, mm))
     # t = s (P only, decay 1) elementwise in fp32: its dG terms q dP_tt k - k dP_tt q then
     # cancel exactly, which rounded matmul operands would not.
-    d = jnp.sum(jnp.where(_iota((BC, BC), 0) == _iota((BC, BC), 1), dP, 0.0), axis=1, keepdims=True)
+    d = jnp.sum(jnp.where(_on_diagonal(BC), dP, 0.0), axis=1, keepdims=True)
     return rq + d * k, rk, cs + d * q
 
 
