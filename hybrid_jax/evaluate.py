@@ -48,8 +48,8 @@ def evaluate(config, checkpoint: str, out: str | None = None, print_fn=print) ->
     tokenizer = load_tokenizer(model_dir)
     from hybrid_jax.data import microworld
 
-    world = microworld.World(microworld.data_world(config.data))  # the world the run trained on
-    results = evaluate_models(models, tokenizer, config.eval, world=world, log=print_fn)
+    results = evaluate_models(models, tokenizer, config.eval, world=microworld.data_world(config.data),
+                              log=print_fn)
     out = out or os.path.join(os.path.dirname(os.path.abspath(model_dir)), "eval")
     paths = write_report(results, out)
     print_fn(results["table"])

@@ -260,7 +260,7 @@ def pretrain(config, workdir: str, *, print_fn=print, peak_flops_per_device: flo
     print_fn(f"saved the teacher as a Hugging Face checkpoint: {export}")
     if config.eval.enabled:
         t0 = time.perf_counter()
-        evaluation = evaluate_models({"teacher": model}, tokenizer, config.eval, world=microworld.World(world),
+        evaluation = evaluate_models({"teacher": model}, tokenizer, config.eval, world=world,
                                      log=print_fn)
         paths = write_report(evaluation, os.path.join(workdir, "eval"))
         results["seconds"]["eval"] = time.perf_counter() - t0

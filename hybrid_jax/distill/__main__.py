@@ -118,9 +118,8 @@ def run(config, workdir: str, print_fn=print) -> dict:
     if config.eval.enabled:
         from hybrid_jax.data import microworld
 
-        world = microworld.World(microworld.data_world(config.data))  # the world the run trained on
-        results = evaluate_models({"teacher": teacher, "student": student}, tokenizer, config.eval, world=world,
-                                  log=print_fn)
+        results = evaluate_models({"teacher": teacher, "student": student}, tokenizer, config.eval,
+                                  world=microworld.data_world(config.data), log=print_fn)
         paths = write_report(results, os.path.join(workdir, "eval"))
         print_fn(results["table"])
         print_fn(f"evaluation written to {paths['markdown']}")

@@ -25,8 +25,11 @@ def _limit(items: list, n: int) -> list:
 
 
 def evaluate_models(models: dict, tokenizer, eval_cfg, *, world=None, log=print) -> dict:
-    """{"qa": {name: metrics}, "passkey": {name: {len: acc}}, "mqar": {...}, "table": markdown}."""
-    world = world or microworld.World(microworld.WorldConfig())
+    """{"qa": {name: metrics}, "passkey": {name: {len: acc}}, "mqar": {...}, "table": markdown}.
+
+    world: the `microworld.WorldConfig` whose questions are asked (default: the default world;
+    runs pass `microworld.data_world(config.data)`, the world they trained on)."""
+    world = microworld.World(world or microworld.WorldConfig())
     mc = _limit(world.multiple_choice(), eval_cfg.max_items)
     opn = _limit(world.open_questions(), eval_cfg.max_items)
     out: dict = {"qa": {}, "passkey": {}, "mqar": {}}
