@@ -84,20 +84,6 @@ def step_flops_per_token(student, teacher, seq_len: int, chunk: int) -> float:
     return 6 * matmul_params(student) + 3 * student_mixing + 2 * matmul_params(teacher) + c.num_hidden_layers * attn
 
 
-def _median_ms(fn, args, iters: int = 5) -> float:
-    import time
-
-    import jax
-
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[dict]:
     """Milliseconds of the step's parts, each jitted alone (see the module docstring)."""
     import jax
@@ -105,7 +91,11 @@ def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[
     import numpy as np
     from flax import nnx
 
+    from hybrid_jax.eval.efficiency import median_seconds
     from hybrid_jax.models.hybrid import layer_kinds
+
+    def median_ms(fn, args):
+        return 1e3 * median_seconds(lambda: fn(*args), 5)
 
     ids = jnp.asarray(np.random.default_rng(0).integers(0, teacher.config.vocab_size, (batch, seq_len)), jnp.int32)
     seg = jnp.ones((batch, seq_len), jnp.int32)
@@ -125,19 +115,19 @@ def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[
 
     rows = []
     fwd = jax.jit(lambda m, x: final_hidden(nnx.merge(*m), x))
-    rows.append(dict(part="teacher forward", count=1, ms=_median_ms(fwd, (nnx.split(teacher), ids))))
-    rows.append(dict(part="student forward", count=1, ms=_median_ms(fwd, (nnx.split(student), ids))))
+    rows.append(dict(part="teacher forward", count=1, ms=median_ms(fwd, (nnx.split(teacher), ids))))
+    rows.append(dict(part="student forward", count=1, ms=median_ms(fwd, (nnx.split(student), ids))))
     g, params = grads_of(student, final_hidden, wrt_input=False)  # token ids: no gradient
-    rows.append(dict(part="student forward+backward", count=1, ms=_median_ms(g, (params, ids))))
+    rows.append(dict(part="student forward+backward", count=1, ms=median_ms(g, (params, ids))))
 
     x = jax.random.normal(jax.random.key(1), (batch, seq_len, teacher.config.hidden_size)).astype(compute)
     kinds = layer_kinds(student)
     for kind in dict.fromkeys(kinds):
         block = student.blocks[kinds.index(kind)]
         g, params = grads_of(block.mixer, lambda m, h: m(h, positions=pos, segment_ids=seg)[0])
-        rows.append(dict(part=f"{kind} mixer forward+backward", count=kinds.count(kind), ms=_median_ms(g, (params, x))))
+        rows.append(dict(part=f"{kind} mixer forward+backward", count=kinds.count(kind), ms=median_ms(g, (params, x))))
     g, params = grads_of(student.blocks[0].mlp, lambda m, h: m(h))
-    rows.append(dict(part="MLP forward+backward", count=len(kinds), ms=_median_ms(g, (params, x))))
+    rows.append(dict(part="MLP forward+backward", count=len(kinds), ms=median_ms(g, (params, x))))
     for r in rows:
         r["total_ms"] = r["ms"] * r["count"]
     return rows

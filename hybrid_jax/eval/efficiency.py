@@ -65,7 +65,8 @@ def _decode(graphdef, state, cache, first, start, *, steps):
     return jax.lax.fori_loop(0, steps, body, (first, cache))
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` synchronised calls of `fn()`, after one untimed call (compile, warm-up)."""
     jax.block_until_ready(fn())  # compile and warm up
     times = []
     for _ in range(repeats):
@@ -83,7 +84,7 @@ def time_to_first_token(model, context_length: int, *, batch_size: int = 1, repe
     """Seconds from a prompt of `context_length` tokens to its first token's logits."""
     graphdef, state = nnx.split(model)
     ids = _prompt(model, batch_size, context_length)
-    return _median_seconds(lambda: _prefill(graphdef, state, ids, cache_length=context_length + 1)[0], repeats)
+    return median_seconds(lambda: _prefill(graphdef, state, ids, cache_length=context_length + 1)[0], repeats)
 
 
 def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1, steps: int = 64,
@@ -93,7 +94,7 @@ def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1,
     ids = _prompt(model, batch_size, context_length)
     logits, cache = _prefill(graphdef, state, ids, cache_length=context_length + steps)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    seconds = _median_seconds(lambda: _decode(graphdef, state, cache, first, context_length, steps=steps)[0], repeats)
+    seconds = median_seconds(lambda: _decode(graphdef, state, cache, first, context_length, steps=steps)[0], repeats)
     return batch_size * steps / seconds
 
 
