@@ -192,7 +192,7 @@ def breakdown(shape, iters, variants):
             h, vn, sT = state(G, m, w, u, kd, s0)
             w, kd, qg, dvl = prep(q, k, G, beta, m, m, M, p, dov)
             dh, dvn, _ = sbwd(G, m, w, kd, qg, dov, dvl, s0)
-            dv, db, dA, dP, dd = pairs(k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)
+            dv, db, dA, dP = pairs(k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)
             for name, fn, args in (
                     ("diag_fwd", diag if cfg.diag == "loop" else None, (q, k, G)),
                     ("intra_fwd", intra, (q, k, v, G, beta, m, m, m, d)),
@@ -201,7 +201,7 @@ def breakdown(shape, iters, variants):
                     ("prep_bwd", prep, (q, k, G, beta, m, m, M, p, dov)),
                     ("state_bwd", sbwd, (G, m, w, kd, qg, dov, dvl, s0)),
                     ("pairs_bwd", pairs, (k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)),
-                    ("channels_bwd", chans, (q, k, G, m, m, dA, dP, dd, dov, vn, dv, h, dh))):
+                    ("channels_bwd", chans, (q, k, G, m, m, dA, dP, dov, vn, dv, h, dh))):
                 if fn is None or kw.get("fwd_only") and name.endswith("_bwd"):
                     continue
                 row[name + "_ms"] = round(time_jax(fn, args, iters)[0] * 1e3, 3)

@@ -15,10 +15,12 @@ tensor-core products rather than many 16x16 ones:
   * A and P off the diagonal 16-blocks: for key block j, exp(G_t - G_s) factors through the
     reference row r = G[last row of j] as exp(G_t - r) exp(r - G_s), both exponents <= 0
     where kept (masked before exp elsewhere): one [C,bk]x[bk,C] product per key block.
-    On the diagonal blocks no single reference is safe. diagonal="loop" (default): a kernel
-    over 16-row blocks takes one key row per step, pairwise and masked before exp.
-    diagonal="levels": a 4-level halving split of each block, every pair meeting once through
-    a reference between its two rows, as tensor-core products (`_level_pairs`).
+    On the diagonal blocks no single reference is safe. The in-block levels split each block
+    in halves over 4 levels, every pair meeting once through a reference between its two rows,
+    as tensor-core products (`_level_pairs`): always in the backward pass, and in the forward
+    with diagonal="levels". diagonal="loop" (default) forms the forward's in-block pairs in
+    a kernel over 16-row blocks, one key row per step, pairwise and masked before exp
+    (faster in the forward, slower in the backward: docs/benchmarks.md).
   * M by block doubling: (I+D)^-1 = (I+N)(I+N^2)(I+N^4)(I+N^8) for the diagonal blocks D
     (N = -D), then (I+L)^-1 = (I - F)(I + F^2)(I+D)^-1 with F = (I+D)^-1 (L - D), F^4 = 0.
 
@@ -352,14 +354,12 @@ def _state_bwd_kernel(g_ref, fs_ref, w_ref, kd_ref, qg_ref, do_ref, dvl_ref, dsT
 
 
 def _intra_bwd_pairs_kernel(k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref, m_ref, a_ref,
-                            do_ref, h_ref, vn_ref, dvn_ref, dv_ref, db_ref, da_ref, dp_ref, dd_ref,
+                            do_ref, h_ref, vn_ref, dvn_ref, dv_ref, db_ref, da_ref, dp_ref,
                             *, C, K, V, seg, bk, bv, mm):
     """Per chunk, the reductions over K and V: dv, dbeta and the pair gradients dA, dP.
 
     v_new = U - W S, U = T v, W = T (k Gam), T = M diag(beta), M = (I + diag(beta) A)^-1,
-    o = (q Gam) S + P v_new. Besides dA and dP it writes their diagonal 16-blocks compactly
-    for the channel kernel: dd[t, jj] = dP[t, 16 b(t) + jj], dd[t, 16 + jj] the same of dA,
-    and dd[s, 32 + jj] = dP[16 b(s) + jj, s], dd[s, 48 + jj] the same of dA (b: the block)."""
+    o = (q Gam) S + P v_new."""
     keep_a, keep_p = _keep_masks(run_ref, C, seg)
     beta, M = _f32(b_ref[...]), m_ref[...]
     T = M * beta[None, :]
@@ -385,27 +385,16 @@ def _intra_bwd_pairs_kernel(k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
     dP = jnp.where(keep_p, dP, 0.0)
     da_ref[...] = dA
     dp_ref[...] = dP
-    if dd_ref is None:  # the in-block levels read dA and dP directly
-        return
-    # Exact ("ieee") selection products: dd must hold dA and dP unrounded.
-    same_blk, pick = _same_block(C), _block_pick(C)
-    dA_diag, dP_diag = jnp.where(same_blk, dA, 0.0), jnp.where(same_blk, dP, 0.0)
-    dd_ref[:, pl.ds(0, BC)] = _mm(dP_diag, pick)
-    dd_ref[:, pl.ds(BC, BC)] = _mm(dA_diag, pick)
-    dd_ref[:, pl.ds(2 * BC, BC)] = _mm_tn(dP_diag, pick)
-    dd_ref[:, pl.ds(3 * BC, BC)] = _mm_tn(dA_diag, pick)
 
 
-def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_ref, dd_ref,
-                               do_ref, vn_ref, dv_ref, h_ref, dh_ref,
+def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_ref, do_ref, vn_ref, dv_ref, h_ref, dh_ref,
                                dq_ref, dk_ref, dg_ref, dgl_ref, *, C, NK, seg, mm):
     """One 16-row block i of one chunk and one K tile, elementwise in the channel: dq, dk, dG.
 
     q/k/g refs hold the whole chunk's K tile; do, vn, dv (= T^T d v_new) the block's rows.
     With S_after = diag(exp(G_C)) S + (k dec)^T v_new and A, P as in the forward pass, the
     pairs (t, s) split into: s in an earlier block (this block's rows as queries), t in a
-    later block (its rows as keys) and both in block i (`_block_pair_grads` or its loop form;
-    dd is None for the former).
+    later block (its rows as keys) and both in block i (`_block_pair_grads`).
     dgl gets this block's share of d/dG_C (summed over blocks by the caller)."""
     i = (pl.program_id(2) // NK) % (C // BC)
     r0 = pl.multiple_of(i * BC, BC)
@@ -444,11 +433,8 @@ def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_r
     dk = dk + dr
     dG = dG - dr * k
 
-    if dd_ref is None:
-        rq, rk, cs = _block_pair_grads(G, q, k, dp_ref[rows, blk_cols], da_ref[rows, blk_cols],
-                                       _levels_mm(mm))
-    else:
-        rq, rk, cs = _block_pair_grads_loop(G, q_ref, k_ref, g_ref, dd_ref, r0)
+    rq, rk, cs = _block_pair_grads(G, q, k, dp_ref[rows, blk_cols], da_ref[rows, blk_cols],
+                                   _levels_mm(mm))
     dq_ref[...] = (dq + rq).astype(dq_ref.dtype)
     dk_ref[...] = (dk + rk + cs).astype(dk_ref.dtype)
     dg_ref[...] = dG + q * rq + k * rk - k * cs
@@ -473,28 +459,6 @@ def _block_pair_grads(G, q, k, dP, dA, mm):
     # cancel exactly, which rounded matmul operands would not.
     d = jnp.sum(jnp.where(_on_diagonal(BC), dP, 0.0), axis=1, keepdims=True)
     return rq + d * k, rk, cs + d * q
-
-
-def _block_pair_grads_loop(G, q_ref, k_ref, g_ref, dd_ref, r0):
-    """The same as `_block_pair_grads` by a 16-step loop over the block's rows with
-    pairwise exps, reading dP and dA's diagonal blocks compactly from dd."""
-    rows = pl.ds(r0, BC)
-    rin = _iota(G.shape, 0)
-
-    def row(jj, acc):
-        """Row jj of the block as the key of its rows (rq, rk) and as their query (cs)."""
-        rq, rk, cs = acc
-        one = pl.ds(r0 + jj, 1)
-        Gj, kj, qj = _f32(g_ref[one, :]), _f32(k_ref[one, :]), _f32(q_ref[one, :])
-        e_key = jnp.exp(jnp.where(rin >= jj, G - Gj, -jnp.inf))
-        e_query = jnp.exp(jnp.where(rin <= jj, Gj - G, -jnp.inf))
-        dp, da = dd_ref[rows, pl.ds(jj, 1)], dd_ref[rows, pl.ds(BC + jj, 1)]
-        dpt, dat = dd_ref[rows, pl.ds(2 * BC + jj, 1)], dd_ref[rows, pl.ds(3 * BC + jj, 1)]
-        return (rq + dp * kj * e_key, rk + da * kj * e_key,
-                cs + (dpt * qj + dat * kj) * e_query)
-
-    z = jnp.zeros_like(G)
-    return lax.fori_loop(0, BC, row, (z, z, z))
 
 
 # ----------------------------------------------------------------------------- calls
@@ -669,25 +633,17 @@ def _intra_bwd_pairs(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn, cfg):
     ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
     static = dict(C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk, bv=min(cfg.bv, V), mm=cfg.mm)
     f32 = jnp.float32
-    out_specs = [cv, cb, cp, cp]
-    out_shape = ([jax.ShapeDtypeStruct((B, Tp, H, V), f32), jax.ShapeDtypeStruct((B, Tp, H), f32)]
-                 + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2)
-    if cfg.diag == "loop":  # the channel kernel's loop reads the diagonal blocks compactly
-        kern = functools.partial(_intra_bwd_pairs_kernel, **static)
-        out_specs.append(pl.BlockSpec((None, C, None, 4 * BC), lambda b, h, n: (b, n, h, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((B, Tp, H, 4 * BC), f32))
-    else:
-        kern = _without(_intra_bwd_pairs_kernel, 17, **static)
-    out = pl.pallas_call(
-        kern, grid=(B, H, Tp // C),
+    return pl.pallas_call(
+        functools.partial(_intra_bwd_pairs_kernel, **static), grid=(B, H, Tp // C),
         in_specs=[ck, cv, ck, cb, cm, cm, cm, cp, cp, cv, _chunk_state_spec(K, V), cv, cv],
-        out_specs=out_specs, out_shape=out_shape,
+        out_specs=[cv, cb, cp, cp],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), f32), jax.ShapeDtypeStruct((B, Tp, H), f32)]
+        + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2,
         name="kda_intra_bwd_pairs", **_params(cfg, cfg.warps_intra),
     )(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn)
-    return tuple(out) + (() if cfg.diag == "loop" else (None,))
 
 
-def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh, cfg):
+def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh, cfg):
     """Grid (B, H, chunks x 16-row blocks x K tiles). Returns dq, dk, dG and the per-block
     shares of d/dG_C, [B, Tp/16, H, K]."""
     B, Tp, H, K = q.shape
@@ -709,25 +665,18 @@ def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh, cfg):
     last = pl.BlockSpec((None, 1, None, bk), lambda b, h, n: (b, n // NK, h, n % NK))
     tile = chunk(bk, tiled=True)
     f32 = jnp.float32
-    static = dict(C=C, NK=NK, seg=cfg.seg, mm=cfg.mm)
-    in_specs = [tile, tile, tile, flags, flags, chunk(C), chunk(C), chunk(4 * BC),
-                block_rows(V), block_rows(V), block_rows(V), state, state]
-    args = [q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh]
-    if dd is None:
-        kern = _without(_intra_bwd_channels_kernel, 7, **static)
-        del in_specs[7], args[7]
-    else:
-        kern = functools.partial(_intra_bwd_channels_kernel, **static)
     return pl.pallas_call(
-        kern, grid=(B, H, Tp // C * NB * NK),
-        in_specs=in_specs,
+        functools.partial(_intra_bwd_channels_kernel, C=C, NK=NK, seg=cfg.seg, mm=cfg.mm),
+        grid=(B, H, Tp // C * NB * NK),
+        in_specs=[tile, tile, tile, flags, flags, chunk(C), chunk(C),
+                  block_rows(V), block_rows(V), block_rows(V), state, state],
         out_specs=[block_rows(bk, True)] * 3 + [last],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), q.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, K), f32),
                    jax.ShapeDtypeStruct((B, Tp // BC, H, K), f32)],
         name="kda_intra_bwd_channels", **_params(cfg, cfg.warps_blocks),
-    )(*args)
+    )(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
@@ -751,8 +700,8 @@ def _kda_core_bwd(cfg, res, cts):
     # than recomputed; W, kd and q*Gam are cheap products of them, recomputed here.
     w, kd, qg, dvl = _intra_prep_bwd(q, k, G, beta, fs, ls, M, P, do, cfg)
     dh, dvn, ds0 = _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg)
-    dv, db, dA, dP, dd = _intra_bwd_pairs(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn, cfg)
-    dq, dk, dG, dGl = _intra_bwd_channels(q, k, G, fs, ls, dA, dP, dd, do, vn, dv, h, dh, cfg)
+    dv, db, dA, dP = _intra_bwd_pairs(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn, cfg)
+    dq, dk, dG, dGl = _intra_bwd_channels(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh, cfg)
     B, Tp, H, K = G.shape
     C = cfg.C
     dG = dG.reshape(B, Tp // C, C, H, K).at[:, :, C - 1].add(
@@ -782,9 +731,10 @@ def chunk_kda_gpu(
     in fp32, pads T to a multiple of the chunk and K, V to powers of two (zero tokens and
     zero channels leave the state unchanged), and turns segment ids into run masks.
     matmul: "ieee" | "tf32" | "bf16" (default: "ieee" for fp32 inputs, "tf32" otherwise).
-    diagonal: how pairs inside each 16-token block are formed, forward and backward:
-      "loop" (one row per step, pairwise exps; the diag kernel) or "levels" (the in-block
-      split of `_level_pairs`: tensor-core products whose factors are <= 1 at any decay).
+    diagonal: how the forward pass forms the pairs inside each 16-token block: "loop" (one
+      row per step, pairwise exps; the diag kernel) or "levels" (the in-block split of
+      `_level_pairs`: tensor-core products whose factors are <= 1 at any decay). The
+      backward pass always uses the levels.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
