@@ -14,6 +14,7 @@ warm-up. The FLOP and byte counts are the model in docs/kda.md.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -153,6 +154,13 @@ def run_fla(shape, iters):
     return res, torch.cuda.get_device_name()
 
 
+# --breakdown keys: _Cfg field and the chunk_kda_gpu argument whose default it takes
+SHORT = {"bv": ("bv", "block_v"), "bk": ("bk", "block_k"), "wi": ("warps_intra", "num_warps_intra"),
+         "ws": ("warps_state", "num_warps_state"), "wb": ("warps_blocks", "num_warps_blocks"),
+         "wd": ("warps_diag", "num_warps_diag"), "st": ("stages", "num_stages"),
+         "diag": ("diag", "diagonal")}
+
+
 def breakdown(shape, iters, variants):
     """Time each Pallas kernel alone (fwd: diag, intra, state, out; bwd: prep, state, pairs,
     channels) per variant."""
@@ -160,6 +168,8 @@ def breakdown(shape, iters, variants):
     import jax.numpy as jnp
 
     from pallas_kernels.kda import chunk_gpu as cg
+
+    default = {a.name: a.default for a in inspect.signature(cg.chunk_kda_gpu).parameters.values()}
 
     B, T, H, K, V = shape
     q, k, v, g, beta, do = make_np_inputs(B, T, H, K, V)
@@ -175,10 +185,8 @@ def breakdown(shape, iters, variants):
             C = kw.get("C", 64)
             G = jnp.cumsum(jnp.asarray(g).reshape(B, T // C, C, H, K), axis=2).reshape(B, T, H, K)
             cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
-                          bv=kw.get("bv", 64), bk=kw.get("bk", 32),
-                          warps_intra=kw.get("wi", 4), warps_state=kw.get("ws", 4),
-                          warps_blocks=kw.get("wb", 4), warps_diag=kw.get("wd", 2), stages=kw.get("st", 1),
-                          mm=kw.get("mm", "tf32"), diag=kw.get("diag", "loop"))
+                          mm=kw.get("mm", "tf32"),
+                          **{field: kw.get(key, default[arg]) for key, (field, arg) in SHORT.items()})
 
             def jit(f, cfg=cfg, **kws):
                 return jax.jit(lambda *a: f(*a, cfg, **kws))
@@ -187,14 +195,14 @@ def breakdown(shape, iters, variants):
             prep, sbwd = jit(cg._intra_prep_bwd), jit(cg._state_bwd)
             pairs, chans = jit(cg._intra_bwd_pairs), jit(cg._intra_bwd_channels)
             diag = jit(cg._diag_pairs)
-            d = diag(q, k, G) if cfg.diag == "loop" else None
+            d = diag(q, k, G)
             w, u, p, kd, M, A = intra(q, k, v, G, beta, m, m, m, d)
             h, vn, sT = state(G, m, w, u, kd, s0)
             w, kd, qg, dvl = prep(q, k, G, beta, m, m, M, p, dov)
             dh, dvn, _ = sbwd(G, m, w, kd, qg, dov, dvl, s0)
             dv, db, dA, dP = pairs(k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)
             for name, fn, args in (
-                    ("diag_fwd", diag if cfg.diag == "loop" else None, (q, k, G)),
+                    ("diag_fwd", diag, (q, k, G)),
                     ("intra_fwd", intra, (q, k, v, G, beta, m, m, m, d)),
                     ("state_fwd", state, (G, m, w, u, kd, s0)),
                     ("out_fwd", out, (q, G, m, p, h, vn)),
