@@ -55,11 +55,13 @@ class TTTState(NamedTuple):
 def init_state(weights0: Weights, batch_size: int) -> TTTState:
     """Fresh state: `weights0` broadcast over the batch, zero momentum and accumulator."""
     w = tuple(jnp.broadcast_to(x.astype(jnp.float32), (batch_size, *x.shape)) for x in weights0)
-    zeros = tuple(jnp.zeros_like(x) for x in w)
+    def zeros():  # separate buffers for momentum and gradient, so a cache holds both
+        return tuple(jnp.zeros_like(x) for x in w)
+
     return TTTState(
         weights=w,
-        momentum=zeros,
-        grad=zeros,
+        momentum=zeros(),
+        grad=zeros(),
         count=jnp.zeros((batch_size,), jnp.int32),
         segment=jnp.full((batch_size,), -1, jnp.int32),
     )

@@ -218,3 +218,12 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match="TTTState"):
         call(*args, initial_state=(w0, w0))
     assert isinstance(call(*args, output_final_state=True)[1], TTTState)
+
+
+def test_fresh_state_owns_every_buffer():
+    """A decode cache holds the bytes its shapes say (the efficiency benchmark's analytic
+    count): momentum and gradient accumulators are separate buffers, not one shared zero."""
+    _, w0 = make_inputs(0, 2, 4)
+    leaves = jax.tree_util.tree_leaves(init_state(w0, 2))
+    buffers = {x.unsafe_buffer_pointer(): x.nbytes for x in leaves}
+    assert sum(buffers.values()) == sum(x.nbytes for x in leaves)
