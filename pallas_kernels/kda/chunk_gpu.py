@@ -396,8 +396,9 @@ def _intra_bwd_pairs_kernel(k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
     dp_ref[...] = dP
 
 
-def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_ref, do_ref, vn_ref, dv_ref, h_ref, dh_ref,
-                               dq_ref, dk_ref, dg_ref, dgl_ref, *, C, NK, seg, mm):
+def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_ref, do_ref,
+                               vn_ref, dv_ref, h_ref, dh_ref, dq_ref, dk_ref, dg_ref, dgl_ref,
+                               *, C, NK, seg, mm):
     """One 16-row block i of one chunk and one K tile, elementwise in the channel: dq, dk, dG.
 
     q/k/g refs hold the whole chunk's K tile; do, vn, dv (= T^T d v_new) the block's rows.
@@ -734,6 +735,8 @@ def chunk_kda_gpu(
       <= 1 at any decay; the default, 1.1 ms against 1.9 ms at B=8, T=4096, H=16 on an H200)
       or "loop" (one key row per step, pairwise exps). The backward always uses the levels.
     """
+    if diagonal not in ("levels", "loop"):
+        raise ValueError(f"chunk_kda_gpu: diagonal must be 'levels' or 'loop', got {diagonal!r}")
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size

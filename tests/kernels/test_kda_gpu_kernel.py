@@ -110,3 +110,11 @@ def test_kernels_lower_for_cuda_forward_and_backward(segments, diagonal):
             q, q, v, g, beta)
         text = exp.mlir_module()
         assert text.count("__gpu$xla.gpu.triton") >= (2 if fn is loss else 4)
+
+
+def test_unknown_diagonal_form_is_rejected_by_name():
+    from pallas_kernels.kda.chunk_gpu import chunk_kda_gpu
+
+    q = jnp.zeros((1, 16, 1, 16))
+    with pytest.raises(ValueError, match="diagonal must be 'levels' or 'loop'"):
+        chunk_kda_gpu(q, q, q, q, jnp.zeros((1, 16, 1)), interpret=True, diagonal="rows")
