@@ -210,7 +210,7 @@ def breakdown(shape, iters, variants):
                     ("state_bwd", sbwd, (G, m, w, kd, qg, dov, dvl, s0)),
                     ("pairs_bwd", pairs, (k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)),
                     ("channels_bwd", chans, (q, k, G, m, m, dA, dP, dov, vn, dv, h, dh))):
-                if fn is None or kw.get("fwd_only") and name.endswith("_bwd"):
+                if kw.get("fwd_only") and name.endswith("_bwd"):
                     continue
                 row[name + "_ms"] = round(time_jax(fn, args, iters)[0] * 1e3, 3)
         except Exception as e:  # e.g. a variant over the shared-memory limit

@@ -134,9 +134,7 @@ def _diag_levels_kernel(q_ref, k_ref, g_ref, d_ref, *, K, bk, mm):
     def tile(cols, acc):
         A, P = acc
         G, k, q = _f32(g_ref[:, cols]), _f32(k_ref[:, cols]), _f32(q_ref[:, cols])
-        for L in LEVELS:
-            sel, pair, query_row = _level_pairs(BC, bk, L)
-            e_q, e_k = _level_factors(G, sel, query_row, lmm)
+        for pair, e_q, e_k in _in_block_levels(G, lmm):
             right = k * e_k
             A = A + jnp.where(pair, _mm_nt(k * e_q, right, lmm), 0.0)
             P = P + jnp.where(pair, _mm_nt(q * e_q, right, lmm), 0.0)
@@ -162,16 +160,20 @@ def _level_pairs(n, width, L):
     return sel, pair, _iota((n, width), 0) % L >= L // 2
 
 
-def _level_factors(G, sel, query_row, mm):
-    """exp(G - r) on query rows and exp(r - G) on key rows (zero elsewhere), r from `sel`.
-    r is G at the reference row as the product rounds it; the same r enters both factors, so
-    the rounding cancels out of every pair."""
-    r = _mm(sel, G, mm)
-    return (jnp.exp(jnp.where(query_row, G - r, -jnp.inf)),
-            jnp.exp(jnp.where(query_row, -jnp.inf, r - G)))
-
-
 LEVELS = (16, 8, 4, 2)  # the in-block split: every pair s < t of a 16-block at exactly one level
+
+
+def _in_block_levels(G, mm):
+    """Per level of the in-block split of a [16, width] tile G: the pair mask, exp(G - r) on
+    query rows and exp(r - G) on key rows (zero elsewhere). r is G at the reference row as
+    the selection product rounds it; the same r enters both factors, so the rounding cancels
+    out of every pair."""
+    n, width = G.shape
+    for L in LEVELS:
+        sel, pair, query_row = _level_pairs(n, width, L)
+        r = _mm(sel, G, mm)
+        yield (pair, jnp.exp(jnp.where(query_row, G - r, -jnp.inf)),
+               jnp.exp(jnp.where(query_row, -jnp.inf, r - G)))
 
 
 def _levels_mm(mm):
@@ -455,11 +457,8 @@ def _block_pair_grads(G, q, k, dP, dA, mm):
     rk the same with dA, cs = sum_t (dP[t,s] q_t + dA[t,s] k_t) e(t,s), e = exp(G_t - G_s);
     dP, dA: the block's [16,16] diagonal block (masked). Two [16,16]x[16,bk] products per
     level and term."""
-    width = G.shape[1]
     rq = rk = cs = jnp.zeros_like(G)
-    for L in LEVELS:
-        sel, pair, query_row = _level_pairs(BC, width, L)
-        e_q, e_k = _level_factors(G, sel, query_row, mm)
+    for pair, e_q, e_k in _in_block_levels(G, mm):
         dp, da = jnp.where(pair, dP, 0.0), jnp.where(pair, dA, 0.0)
         ke = k * e_k
         rq = rq + e_q * _mm(dp, ke, mm)
