@@ -158,7 +158,8 @@ def run_fla(shape, iters):
 SHORT = {"bv": ("bv", "block_v"), "bk": ("bk", "block_k"), "wi": ("warps_intra", "num_warps_intra"),
          "ws": ("warps_state", "num_warps_state"), "wb": ("warps_blocks", "num_warps_blocks"),
          "wd": ("warps_diag", "num_warps_diag"), "st": ("stages", "num_stages"),
-         "diag": ("diag", "diagonal")}
+         "diag": ("diag", "diagonal"), "bvs": ("bv_state", "block_v_state"),
+         "sst": ("stages_state", "num_stages_state"), "mms": ("mm_state", "matmul_state")}
 
 
 def breakdown(shape, iters, variants):
@@ -184,9 +185,13 @@ def breakdown(shape, iters, variants):
         try:
             C = kw.get("C", 64)
             G = jnp.cumsum(jnp.asarray(g).reshape(B, T // C, C, H, K), axis=2).reshape(B, T, H, K)
+            fields = {field: kw.get(key, default[arg]) for key, (field, arg) in SHORT.items()}
+            fields["bv_state"] = fields["bv_state"] or cg._state_tile(B * H, V)
+            fields["mm_state"] = fields["mm_state"] or "bf16"  # chunk_kda_gpu's defaults for bf16 inputs
+            fields["stages_state"] = fields["stages_state"] or (2 if fields["mm_state"] == "bf16" else 1)
+            row["bv_state"] = fields["bv_state"]
             cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
-                          mm=kw.get("mm", "tf32"),
-                          **{field: kw.get(key, default[arg]) for key, (field, arg) in SHORT.items()})
+                          mm=kw.get("mm", "tf32"), **fields)
 
             def jit(f, cfg=cfg, **kws):
                 return jax.jit(lambda *a: f(*a, cfg, **kws))

@@ -476,7 +476,8 @@ class _Cfg(tuple):
 
     __slots__ = ()
     fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state",
-              "warps_blocks", "warps_diag", "stages", "mm", "diag")
+              "warps_blocks", "warps_diag", "stages", "mm", "diag",
+              "bv_state", "stages_state", "mm_state")
 
     def __new__(cls, **kw):
         return super().__new__(cls, tuple(kw[f] for f in cls.fields))
@@ -485,9 +486,9 @@ class _Cfg(tuple):
         return self[self.fields.index(name)]
 
 
-def _params(cfg, warps):
+def _params(cfg, warps, stages=None):
     return dict(interpret=cfg.interpret,
-                compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=cfg.stages))
+                compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages or cfg.stages))
 
 
 def _chunk_state_spec(K, V):
@@ -557,10 +558,10 @@ def _state_fwd(G, fs, w, u, kd, s0, cfg):
     """Per-chunk entering states h, v_new and the final state (sequential over chunks)."""
     B, Tp, H, K = G.shape
     V = u.shape[-1]
-    C, bv = cfg.C, min(cfg.bv, V)
+    C, bv = cfg.C, min(cfg.bv_state, V)
     NT = Tp // C
     sp = _seq_specs(Tp, K, C, bv)
-    kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm)
+    kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm_state)
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, V // bv),
@@ -569,7 +570,7 @@ def _state_fwd(G, fs, w, u, kd, s0, cfg):
         out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, H, K, V), f32)],
-        name="kda_state_fwd", **_params(cfg, cfg.warps_state),
+        name="kda_state_fwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
     )(G, fs, w, u, kd, s0)
 
 
@@ -608,10 +609,10 @@ def _intra_prep_bwd(q, k, G, beta, fs, ls, M, P, do, cfg):
 def _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg):
     B, Tp, H, K = G.shape
     V = do.shape[-1]
-    C, bv = cfg.C, min(cfg.bv, V)
+    C, bv = cfg.C, min(cfg.bv_state, V)
     NT = Tp // C
     sp = _seq_specs(Tp, K, C, bv)
-    kern = functools.partial(_state_bwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm)
+    kern = functools.partial(_state_bwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm_state)
     f32 = jnp.float32
     return pl.pallas_call(
         kern, grid=(B, H, V // bv),
@@ -620,7 +621,7 @@ def _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg):
         out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, H, K, V), f32)],
-        name="kda_state_bwd", **_params(cfg, cfg.warps_state),
+        name="kda_state_bwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
     )(G, fs, w, kd, qg, do, dvl, dsT)
 
 
@@ -712,6 +713,17 @@ def _kda_core_bwd(cfg, res, cts):
 _kda_core.defvjp(_kda_core_fwd, _kda_core_bwd)
 
 
+def _state_tile(programs_per_tile, V, widths=(64, 32, 16)):
+    """The widest V tile whose state-kernel grid still covers the multiprocessors: the chunk
+    loop is sequential, so at B*H = 16 a 64-wide tile leaves three quarters of an H100/H200
+    idle (1x128K: state_fwd 13.9 ms at 64, 10.3 ms at 16)."""
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    for w in widths:
+        if programs_per_tile * max(V // w, 1) >= sms:
+            return w
+    return widths[-1]
+
+
 def _pow2_at_least_16(n):
     return max(16, 1 << (n - 1).bit_length())
 
@@ -720,19 +732,26 @@ def chunk_kda_gpu(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
     block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_warps_blocks=4,
-    num_warps_diag=1, num_stages=1,
-    matmul=None, diagonal="levels",
+    num_warps_diag=1, num_stages=1, block_v_state=None, num_stages_state=None,
+    matmul=None, matmul_state=None, diagonal="levels",
 ):
     """Chunked KDA with the Pallas Triton kernels (inputs validated by the caller).
 
     The jnp prologue (XLA-fused) normalises/scales q and k, takes the in-chunk cumsum of g
     in fp32, pads T to a multiple of the chunk and K, V to powers of two (zero tokens and
     zero channels leave the state unchanged), and turns segment ids into run masks.
-    matmul: "ieee" | "tf32" | "bf16" (default: "ieee" for fp32 inputs, "tf32" otherwise).
+    matmul: "ieee" | "tf32" | "bf16" (default: "ieee" for fp32 inputs, "tf32" otherwise);
+      matmul_state: the same for the state kernels' products (default: "ieee" for fp32
+      inputs, "bf16" otherwise: bf16 operands, fp32 state and accumulation, as fla does).
     diagonal: how the forward's diag kernel forms the pairs inside each 16-token block:
       "levels" (the in-block split of `_level_pairs`: tensor-core products whose factors are
       <= 1 at any decay; the default, 1.1 ms against 1.9 ms at B=8, T=4096, H=16 on an H200)
       or "loop" (one key row per step, pairwise exps). The backward always uses the levels.
+    block_v_state / num_stages_state: V tile and pipeline stages of the two sequential state
+      kernels, whose grid is only (B, H, V / tile); None picks the widest tile that still
+      gives every multiprocessor a program (`_state_tile`). Stages default to 2 with bf16
+      products, where Triton then loads the next chunk's tiles during this chunk's products,
+      and 1 otherwise (2 stages with tf32 products doubled state_bwd's time; docs/kda.md).
     """
     if diagonal not in ("levels", "loop"):
         raise ValueError(f"chunk_kda_gpu: diagonal must be 'levels' or 'loop', got {diagonal!r}")
@@ -767,10 +786,13 @@ def chunk_kda_gpu(
         run = run.reshape(B, Tp).astype(jnp.float32)
     else:
         run = fs = ls = jnp.zeros((B, Tp), jnp.float32)
+    mm = matmul or ("ieee" if dt == jnp.float32 else "tf32")
+    mm_state = matmul_state or ("ieee" if dt == jnp.float32 else "bf16")
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
                warps_intra=num_warps_intra, warps_state=num_warps_state,
                warps_blocks=num_warps_blocks, warps_diag=num_warps_diag, stages=num_stages,
-               mm=matmul or ("ieee" if dt == jnp.float32 else "tf32"), diag=diagonal)
+               mm=mm, diag=diagonal, bv_state=min(block_v_state or _state_tile(B * H, Vp), Vp),
+               stages_state=num_stages_state or (2 if mm_state == "bf16" else 1), mm_state=mm_state)
     o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
     o = o[:, :T, :, :V]
     return o, (sT[:, :, :K, :V] if output_final_state else None)
