@@ -55,7 +55,7 @@ def build_models(shape: dict, dtype: str, window: int, chunk: int):
 
 
 def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, analytic: bool,
-            repeats: int = 3) -> list[dict]:
+            repeats: int = 3, ttft_only: bool = False) -> list[dict]:
     from hybrid_jax.eval import efficiency
 
     rows = []
@@ -64,10 +64,12 @@ def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, an
             row = dict(model=name, context=ctx, cache_bytes=efficiency.cache_bytes_analytic(model, ctx))
             rows.append(row)
             try:
-                if not analytic:
+                if not analytic and not ttft_only:
                     row["cache_bytes_measured"] = efficiency.cache_bytes_measured(model, ctx)
+                if not analytic:
                     row["ttft_s"] = efficiency.time_to_first_token(model, ctx, repeats=repeats,
                                                                    max_new_tokens=steps)
+                if not analytic and not ttft_only:
                     row["decode_tok_s"] = efficiency.decode_tokens_per_second(
                         model, ctx, batch_size=decode_batch, steps=steps, repeats=repeats)
             except Exception as e:  # noqa: BLE001 - an out-of-memory size is a result, recorded as such
@@ -102,6 +104,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=512, help="AllMem memory chunk")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
     ap.add_argument("--analytic", action="store_true", help="cache bytes only, no timed runs")
+    ap.add_argument("--models", default="teacher,hybrid-kda,allmem", help="which of the three to measure")
+    ap.add_argument("--ttft_only", action="store_true",
+                    help="time to first token only (no measured cache bytes, no decode loop to compile)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs per measurement (median); 1 saves device time at long contexts")
     args = ap.parse_args()
@@ -110,8 +115,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     dtype = "float32" if args.tiny else "bfloat16"
     models = build_models(TINY if args.tiny else QWEN3_0P6B, dtype, args.window, args.chunk)
-    rows = measure(models, [int(c) for c in args.contexts.split(",")], args.decode_batch, args.steps,
-                   args.analytic, args.repeats)
+    wanted = args.models.split(",")
+    if unknown := set(wanted) - set(models):
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {sorted(models)}")
+    if "teacher" not in wanted:
+        raise SystemExit("--models must include the teacher: every ratio is against it")
+    rows = measure({n: models[n] for n in wanted}, [int(c) for c in args.contexts.split(",")],
+                   args.decode_batch, args.steps, args.analytic, args.repeats, args.ttft_only)
     from hybrid_jax.eval.efficiency import efficiency_plot
 
     efficiency_plot(rows, os.path.join(args.out, "efficiency.png"))
