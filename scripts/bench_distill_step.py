@@ -21,13 +21,16 @@ above; peak memory is the process's peak (run one setting per process to compare
 
 `--breakdown` times, each jitted alone at the same [B, T]: the teacher's forward, the student's
 forward and forward+backward (to the final hidden state, no lm_head), and one mixer of each kind
-and one MLP (forward+backward, input and parameter gradients) times their count, beside the
-whole trainer step, so the step's time can be apportioned without a profiler.
+and one MLP (forward+backward, input and parameter gradients) times their count, the logit
+loss from final hidden states (both lm_heads, forward KL, at `--logit_chunk`) and the AdamW
+update of every trainable parameter, beside the whole trainer step, so the step's time can be
+apportioned without a profiler.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -84,6 +87,67 @@ def step_flops_per_token(student, teacher, seq_len: int, chunk: int) -> float:
     return 6 * matmul_params(student) + 3 * student_mixing + 2 * matmul_params(teacher) + c.num_hidden_layers * attn
 
 
+def median_ms(fn, args) -> float:
+    """Median of 5 timed calls after a warm-up (`hybrid_jax.eval.efficiency.median_seconds`)."""
+    from hybrid_jax.eval.efficiency import median_seconds
+
+    return 1e3 * median_seconds(lambda: fn(*args), 5)
+
+
+def loss_and_update_parts(student, batch: int, seq_len: int, compute: str, stage, steps: int,
+                          logit_chunk: int) -> list[dict]:
+    """The step's tail, each jitted alone: the logit loss from final hidden states (both
+    lm_heads, forward KL, gradients for the student's hidden states and head) and the
+    optimizer update of every trainable parameter (`make_optimizer`'s chain)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from hybrid_jax.distill.losses import LogitLoss, lm_head_logits
+    from hybrid_jax.distill.optim import make_optimizer
+    from hybrid_jax.distill.trainer import FlatParams
+
+    c = student.config
+    k = jax.random.split(jax.random.key(2), 4)
+    hs, ht = (jax.random.normal(x, (batch, seq_len, c.hidden_size)).astype(compute) for x in k[:2])
+    head = 0.02 * jax.random.normal(k[2], (c.hidden_size, c.vocab_size))  # fp32 master, as trained
+    t_head = (0.02 * jax.random.normal(k[3], (c.hidden_size, c.vocab_size))).astype(compute)
+    ids = jax.random.randint(k[0], (batch, seq_len), 0, c.vocab_size)
+    tokens = dict(input_ids=ids, segment_ids=jnp.ones_like(ids), loss_mask=jnp.ones_like(ids))
+    kd = LogitLoss()
+    if logit_chunk > 0:
+        def loss(h, w):
+            return kd.compute_loss_from_hidden(h, w, ht, t_head, tokens, chunk=logit_chunk,
+                                               student_dtype=compute, teacher_dtype=compute)[0]
+    else:
+        def loss(h, w):
+            return kd.compute_loss(lm_head_logits(h, w, compute), lm_head_logits(ht, t_head, compute), tokens)[0]
+    rows = [dict(part=f"logit loss fwd+bwd (chunk {logit_chunk})", count=1,
+                 ms=median_ms(jax.jit(jax.grad(loss, argnums=(0, 1))), (hs, head)))]
+
+    # Fresh copies: the update donates its inputs, and the student must stay usable.
+    params = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(FlatParams(nnx.state(student, nnx.Param)).values)
+    tx, _ = make_optimizer(stage, steps, params)
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    def update(p, g, o):
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+    state = [params, opt_state]
+
+    def step():
+        state[:] = update(state[0], grads, state[1])
+        return state[0]
+
+    n = sum(x.size for x in jax.tree.leaves(params))
+    rows.append(dict(part=f"optimizer update ({n / 1e6:.3g}M params)", count=1, ms=median_ms(step, ())))
+    return rows
+
+
 def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[dict]:
     """Milliseconds of the step's parts, each jitted alone (see the module docstring)."""
     import jax
@@ -91,11 +155,7 @@ def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[
     import numpy as np
     from flax import nnx
 
-    from hybrid_jax.eval.efficiency import median_seconds
     from hybrid_jax.models.hybrid import layer_kinds
-
-    def median_ms(fn, args):
-        return 1e3 * median_seconds(lambda: fn(*args), 5)
 
     ids = jnp.asarray(np.random.default_rng(0).integers(0, teacher.config.vocab_size, (batch, seq_len)), jnp.int32)
     seg = jnp.ones((batch, seq_len), jnp.int32)
@@ -128,8 +188,6 @@ def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[
         rows.append(dict(part=f"{kind} mixer forward+backward", count=kinds.count(kind), ms=median_ms(g, (params, x))))
     g, params = grads_of(student.blocks[0].mlp, lambda m, h: m(h))
     rows.append(dict(part="MLP forward+backward", count=len(kinds), ms=median_ms(g, (params, x))))
-    for r in rows:
-        r["total_ms"] = r["ms"] * r["count"]
     return rows
 
 
@@ -183,10 +241,13 @@ def main():
                   peak_memory_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None, layer_spec=spec)
     if args.breakdown:
         step_ms = 1e3 * args.batch * args.seq_len / tps
-        result["breakdown"] = [dict(part="whole trainer step", count=1, ms=step_ms, total_ms=step_ms)]
+        result["breakdown"] = [dict(part="whole trainer step", count=1, ms=step_ms)]
         result["breakdown"] += breakdown(teacher, student, args.batch, args.seq_len, compute)
+        result["breakdown"] += loss_and_update_parts(student, args.batch, args.seq_len, compute, config.stages.kd,
+                                                     args.steps, args.logit_chunk)
         for r in result["breakdown"]:
-            print(f"{r['part']:<36} {r['count']:>3} x {r['ms']:9.2f} ms = {r['total_ms']:9.2f} ms "
+            r["total_ms"] = r["ms"] * r["count"]
+            print(f"{r['part']:<40} {r['count']:>3} x {r['ms']:9.2f} ms = {r['total_ms']:9.2f} ms "
                   f"({100 * r['total_ms'] / step_ms:5.1f}% of the step)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "distill_step.json"), "w") as f:
