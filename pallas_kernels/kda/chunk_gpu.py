@@ -276,10 +276,10 @@ def _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, *, C, K, seg, bk
     def k_tile(cols, carry):
         _, gam, dec, _ = _decays(g_ref, fs_ref, ls_ref, cols, C, seg)
         k = _f32(k_ref[:, cols])
-        w_ref[:, cols] = _mm(T, k * gam, mm)
-        kd_ref[:, cols] = k * dec
+        w_ref[:, cols] = _mm(T, k * gam, mm).astype(w_ref.dtype)
+        kd_ref[:, cols] = (k * dec).astype(kd_ref.dtype)
         if qg_ref is not None:
-            qg_ref[:, cols] = _f32(q_ref[:, cols]) * gam
+            qg_ref[:, cols] = (_f32(q_ref[:, cols]) * gam).astype(qg_ref.dtype)
         return carry
 
     _ktiles(K, bk, k_tile, 0)
@@ -486,6 +486,12 @@ class _Cfg(tuple):
         return self[self.fields.index(name)]
 
 
+def _state_operand_dtype(cfg):
+    """Storage of W, kd and q*Gam, which only the state kernels read, and only as matmul
+    operands: bf16 when those products take bf16 operands (the same rounding, half the bytes)."""
+    return jnp.bfloat16 if cfg.mm_state == "bf16" else jnp.float32
+
+
 def _params(cfg, warps, stages=None):
     return dict(interpret=cfg.interpret,
                 compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages or cfg.stages))
@@ -535,10 +541,10 @@ def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg):
         in_specs=[ck, ck, cv, ck, cb, cm, cm, cm,
                   pl.BlockSpec((None, C, None, 2 * BC), lambda b, h, n: (b, n, h, 0))],
         out_specs=[ck, cv, cp, ck, cp, cp],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), f32),
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _state_operand_dtype(cfg)),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, C), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H, K), f32)]
+                   jax.ShapeDtypeStruct((B, Tp, H, K), _state_operand_dtype(cfg))]
         + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2,
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
     )(q, k, v, G, beta, run, fs, ls, d)
@@ -600,7 +606,7 @@ def _intra_prep_bwd(q, k, G, beta, fs, ls, M, P, do, cfg):
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
         in_specs=[ck, ck, ck, cb, cm, cm, cp, cp, cv], out_specs=[ck, ck, ck, cv],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), f32)] * 3
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _state_operand_dtype(cfg))] * 3
         + [jax.ShapeDtypeStruct((B, Tp, H, V), f32)],
         name="kda_intra_prep_bwd", **_params(cfg, cfg.warps_intra),
     )(q, k, G, beta, fs, ls, M, P, do)
