@@ -186,10 +186,9 @@ def breakdown(shape, iters, variants):
             C = kw.get("C", 64)
             G = jnp.cumsum(jnp.asarray(g).reshape(B, T // C, C, H, K), axis=2).reshape(B, T, H, K)
             fields = {field: kw.get(key, default[arg]) for key, (field, arg) in SHORT.items()}
-            fields["bv_state"] = fields["bv_state"] or cg._state_tile(B * H, V)
-            fields["mm_state"] = fields["mm_state"] or "bf16"  # chunk_kda_gpu's defaults for bf16 inputs
-            fields["stages_state"] = fields["stages_state"] or (2 if fields["mm_state"] == "bf16" else 1)
-            row["bv_state"] = fields["bv_state"]
+            fields |= cg._state_settings(B, H, V, bf, fields["bv_state"], fields["stages_state"],
+                                         fields["mm_state"])
+            row["state"] = {k: fields[k] for k in ("bv_state", "stages_state", "mm_state")}
             cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
                           mm=kw.get("mm", "tf32"), **fields)
 

@@ -730,6 +730,13 @@ def _state_tile(programs_per_tile, V, widths=(64, 32, 16)):
     return widths[-1]
 
 
+def _state_settings(B, H, V, dtype, block_v_state=None, num_stages_state=None, matmul_state=None):
+    """{bv_state, stages_state, mm_state} of `_Cfg`, the defaults filled in (see chunk_kda_gpu)."""
+    mm = matmul_state or ("ieee" if dtype == jnp.float32 else "bf16")
+    return dict(bv_state=min(block_v_state or _state_tile(B * H, V), V),
+                stages_state=num_stages_state or (2 if mm == "bf16" else 1), mm_state=mm)
+
+
 def _pow2_at_least_16(n):
     return max(16, 1 << (n - 1).bit_length())
 
@@ -792,13 +799,11 @@ def chunk_kda_gpu(
         run = run.reshape(B, Tp).astype(jnp.float32)
     else:
         run = fs = ls = jnp.zeros((B, Tp), jnp.float32)
-    mm = matmul or ("ieee" if dt == jnp.float32 else "tf32")
-    mm_state = matmul_state or ("ieee" if dt == jnp.float32 else "bf16")
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
                warps_intra=num_warps_intra, warps_state=num_warps_state,
                warps_blocks=num_warps_blocks, warps_diag=num_warps_diag, stages=num_stages,
-               mm=mm, diag=diagonal, bv_state=min(block_v_state or _state_tile(B * H, Vp), Vp),
-               stages_state=num_stages_state or (2 if mm_state == "bf16" else 1), mm_state=mm_state)
+               mm=matmul or ("ieee" if dt == jnp.float32 else "tf32"), diag=diagonal,
+               **_state_settings(B, H, Vp, dt, block_v_state, num_stages_state, matmul_state))
     o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
     o = o[:, :T, :, :V]
     return o, (sT[:, :, :K, :V] if output_final_state else None)
