@@ -181,6 +181,11 @@ def data_world(data) -> WorldConfig:
     return worlds.pop() if worlds else WorldConfig()
 
 
+# Long-context training chats (`long_context_chats`): tasks, default context range in tokens, count.
+LONG_CONTEXT_TASKS = ("passkey", "mqar")
+LONG_CONTEXT_MIN, LONG_CONTEXT_MAX, LONG_CONTEXT_EXAMPLES = 128, 1024, 2000
+
+
 @dataclasses.dataclass(frozen=True)
 class Fact:
     kind: str
@@ -293,10 +298,23 @@ class World:
         """Records of one task by name (the TFDS builder configs use these names)."""
         tasks = {"corpus": self.corpus, "instruct": self.instruct,
                  "open": self.open_questions, "mc": self.multiple_choice}
+        if name == "long_context" or name.startswith("long_context_"):
+            return self.long_context(*parse_long_context_task(name))
         if name not in tasks:
             raise ValueError(f"unknown micro-world task {name!r}; choose from {sorted(tasks)} "
-                             "(long-context tasks: associative_recall, passkey)")
+                             "or long_context[_MIN_MAX] (long-context evaluation tasks: "
+                             "associative_recall, passkey)")
         return tasks[name]()
+
+    def long_context(self, min_length: int = LONG_CONTEXT_MIN, max_length: int = LONG_CONTEXT_MAX,
+                     num_examples: int = LONG_CONTEXT_EXAMPLES) -> list[dict]:
+        """Passkey and MQAR chats (`long_context_chats`) whose contexts are `min_length`..`max_length`
+        tokens of this world's micro-world tokenizer (vocabulary 1024, built and cached on first use)."""
+        from hybrid_jax.data.tokenizer import micro_tokenizer
+
+        tok = micro_tokenizer(world=self.config)
+        return long_context_chats(num_examples, min_length, max_length, seed=self.config.seed,
+                                  count_tokens=lambda s: len(tok(s, add_special_tokens=False)["input_ids"]))
 
 
 def options_text(example: dict) -> str:
@@ -394,3 +412,54 @@ def hash_seed(*parts) -> int:
 
 MQAR_LENGTHS: Sequence[int] = (256, 512, 1024, 2048, 4096, 8192)
 PASSKEY_LENGTHS: Sequence[int] = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+# ---- long-context training chats ---------------------------------------------------------
+
+
+def parse_long_context_task(name: str) -> tuple[int, int]:
+    """Context range of a task name: "long_context" (the defaults) or "long_context_MIN_MAX"."""
+    if name == "long_context":
+        return LONG_CONTEXT_MIN, LONG_CONTEXT_MAX
+    parts = name.split("_")[2:]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"micro-world task {name!r}: write 'long_context' or 'long_context_MIN_MAX' "
+                         "with the context range in tokens, e.g. 'long_context_128_1024'")
+    return int(parts[0]), int(parts[1])
+
+
+def long_context_chats(num_examples: int, min_length: int = LONG_CONTEXT_MIN,
+                       max_length: int = LONG_CONTEXT_MAX, *, seed: int = 0,
+                       tasks: Sequence[str] = LONG_CONTEXT_TASKS,
+                       count_tokens: Callable[[str], int] | None = None) -> list[dict]:
+    """Long-context retrieval as training chats: user = context + question, assistant = the answer.
+
+    Record i alternates over `tasks` ("passkey": `passkey`'s context and question, answer the
+    5-digit key; "mqar": `associative_recall` with one query, answer the 4-digit value) and draws
+    its context length log-uniformly from [min_length, max_length] (lengths as in `passkey`:
+    `count_tokens`, default words). Each record also carries "task", "context_length" and
+    "answer". Record i depends only on (seed, i, range), so a longer list extends a shorter one.
+    The prompts are exactly what `hybrid_jax.eval.long_context` asks, so a model trained on
+    these is scored on the format it learnt (asked as a chat).
+    """
+    if not 0 < min_length <= max_length:
+        raise ValueError(f"long_context_chats: need 0 < min_length <= max_length, got {min_length}, {max_length}")
+    unknown = sorted(set(tasks) - set(LONG_CONTEXT_TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"long_context_chats: tasks={tuple(tasks)!r}; choose from {LONG_CONTEXT_TASKS}")
+    out = []
+    for i in range(num_examples):
+        rng = random.Random(hash_seed("long_context_chats", seed, i))
+        task = tasks[i % len(tasks)]
+        length = round(min_length * (max_length / min_length) ** rng.random())
+        sub = rng.randrange(2**31)
+        if task == "passkey":
+            e = passkey(length, 1, seed=sub, count_tokens=count_tokens)[0]
+            question, answer = e["context"] + e["question"], e["answer"]
+        else:
+            e = associative_recall(length, 1, num_queries=1, seed=sub, count_tokens=count_tokens)[0]
+            question, answer = mqar_prompt(e, 0), e["answers"][0]
+        out.append({"messages": [{"role": "user", "content": question},
+                                 {"role": "assistant", "content": answer}],
+                    "task": task, "context_length": length, "answer": answer})
+    return out

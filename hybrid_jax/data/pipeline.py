@@ -75,14 +75,32 @@ def _shorthand(cfg: dict) -> list[dict]:
     src, path, split = cfg["source"], cfg.get("path") or "", cfg.get("split") or ""
     if src in ("microworld", "micro_world"):
         world = {"world": cfg["world"]} if cfg.get("world") else {}
-        tasks = ["corpus", "instruct"] if split in ("", "train") else [split]
-        return [{"kind": "microworld", "task": t, **world} for t in tasks]
+        return [{"kind": "microworld", "task": t, **({"weight": w} if w != 1.0 else {}), **world}
+                for t, w in _microworld_split(split)]
     if src == "tfds":
         return [{"kind": "tfds", "name": path, "split": split or "train",
                  "data_dir": cfg.get("data_dir")}]
     if src == "hf_disk":
         return [{"kind": "hf_disk", "path": path, "split": split or None}]
     return [{"kind": src, "path": path}]
+
+
+def _microworld_split(split: str) -> list[tuple[str, float]]:
+    """[(task, weight)] of a micro-world split: "" or "train" (corpus + instruct), a task name
+    ("corpus", "long_context_128_1024", ...), or a mixture of those joined by "+", each with an
+    optional "*weight" ("train+long_context*2"), so one stage's `data.split` names a mixture."""
+    out = []
+    for part in (split or "train").split("+"):
+        task, _, w = part.strip().partition("*")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            weight = -1.0
+        if not task or not weight > 0:
+            raise ValueError(f"micro-world split {split!r}: each '+'-joined part is a task with an optional "
+                             "'*weight' > 0, e.g. 'train+long_context*2'")
+        out += [("corpus", weight), ("instruct", weight)] if task == "train" else [(task, weight)]
+    return out
 
 
 def _source_specs(cfg: dict) -> tuple[list[dict], list[str]]:
