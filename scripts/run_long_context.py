@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import time
 
@@ -71,14 +70,9 @@ def retrieval_items(task: str, length: int, tokenizer, *, examples: int, queries
     return prompts, answers, longest
 
 
-def first_number(text: str) -> str | None:
-    m = re.search(r"\d+", text)
-    return m.group(0) if m else None
-
-
 def score(model, tokenizer, prompts, answers, *, batch_size: int) -> tuple[float, list[str]]:
     from hybrid_jax.eval.generate import generate
-    from hybrid_jax.eval.long_context import fit_to_context
+    from hybrid_jax.eval.long_context import first_number, fit_to_context
 
     limit = model.config.max_position_embeddings - MAX_NEW_TOKENS
     for p in prompts:  # raises with the model's limit in the message

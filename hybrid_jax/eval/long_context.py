@@ -33,7 +33,8 @@ def fit_to_context(token_ids: list[int], limit: int, policy: str = "error", *, w
     return token_ids[-limit:]
 
 
-def _first_number(text: str) -> str | None:
+def first_number(text: str) -> str | None:
+    """The first run of digits in a reply (how both tasks are scored), or None."""
     m = re.search(r"\d+", text)
     return m.group(0) if m else None
 
@@ -46,7 +47,7 @@ def _answer_prompts(model, tokenizer, prompts: Sequence[str], answers: Sequence[
     replies = []
     for start in range(0, len(texts), batch_size):
         replies += generate(model, tokenizer, texts[start:start + batch_size], max_new_tokens=max_new_tokens)
-    return sum(_first_number(r) == a for r, a in zip(replies, answers)) / len(answers)
+    return sum(first_number(r) == a for r, a in zip(replies, answers)) / len(answers)
 
 
 def passkey_accuracy(model, tokenizer, lengths: Sequence[int], *, num_examples: int = 8, batch_size: int = 8,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax.data import chat, microworld, pipeline
+from hybrid_jax.eval import long_context
 
 spec = importlib.util.spec_from_file_location("run_long_context",
                                               Path(__file__).parents[2] / "scripts" / "run_long_context.py")
@@ -117,5 +118,5 @@ def test_evaluation_prompts_fit_their_length(micro_tokenizer, task):
     for p, a in zip(prompts, answers, strict=True):
         assert p.startswith("<|im_start|>user\n") and p.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
         assert a in p
-    assert run_long_context.first_number(" 12345.</s>") == "12345"
-    assert run_long_context.first_number("none") is None
+    assert long_context.first_number(" 12345.</s>") == "12345"
+    assert long_context.first_number("none") is None
