@@ -49,4 +49,5 @@ def get_config():
     config.eval.max_items = 60
     config.eval.passkey_lengths = "256,512,1024,2048,4096,8192,16384,32768"
     config.eval.mqar_lengths = "256,512,1024,2048,4096"
+    config.eval.long_context_chat = True  # the models learnt these tasks as chats
     return config

@@ -124,6 +124,7 @@ def _schema() -> dict:
             truncation="error",  # prompts beyond the model's limit: "error" or "left"
             passkey_lengths="",
             mqar_lengths="",
+            long_context_chat=False,  # ask passkey / MQAR as a chat's user turn (models trained on chats)
         ),
         export=dict(enabled=True),  # write WORKDIR/export as a Hugging Face directory
         student=dict(

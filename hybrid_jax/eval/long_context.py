@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 
 from hybrid_jax.data import microworld
+from hybrid_jax.data.chat import render_chat
 from hybrid_jax.eval.generate import generate
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ def first_number(text: str) -> str | None:
 
 
 def _answer_prompts(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *, max_new_tokens: int,
-                    batch_size: int, truncation: str) -> float:
+                    batch_size: int, truncation: str, chat: bool) -> float:
+    if chat:  # asked as a user turn, the reply generated as the assistant's
+        prompts = [render_chat(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
     limit = model.config.max_position_embeddings - max_new_tokens
     ids = [fit_to_context(tokenizer(p, add_special_tokens=False)["input_ids"], limit, truncation) for p in prompts]
     texts = [tokenizer.decode(i) for i in ids]
@@ -51,8 +54,11 @@ def _answer_prompts(model, tokenizer, prompts: Sequence[str], answers: Sequence[
 
 
 def passkey_accuracy(model, tokenizer, lengths: Sequence[int], *, num_examples: int = 8, batch_size: int = 8,
-                     truncation: str = "error", seed: int = 0) -> dict[int, float]:
-    """Accuracy of retrieving a 5-digit key hidden in filler, per context length (tokens)."""
+                     truncation: str = "error", seed: int = 0, chat: bool = False) -> dict[int, float]:
+    """Accuracy of retrieving a 5-digit key hidden in filler, per context length (tokens).
+
+    chat: ask each prompt as a chat's user turn (the tokenizer's template, thinking off), for
+    models trained on chats; otherwise the raw text is continued."""
     def count(s):
         return len(tokenizer(s, add_special_tokens=False)["input_ids"])
 
@@ -60,14 +66,15 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int], *, num_examples: 
     for n in lengths:
         ex = microworld.passkey(n, num_examples=num_examples, seed=seed, count_tokens=count)
         out[n] = _answer_prompts(model, tokenizer, [e["context"] + e["question"] for e in ex], [e["answer"] for e in ex],
-                                 max_new_tokens=8, batch_size=batch_size, truncation=truncation)
+                                 max_new_tokens=8, batch_size=batch_size, truncation=truncation, chat=chat)
     return out
 
 
 def associative_recall_accuracy(model, tokenizer, lengths: Sequence[int], *, num_examples: int = 4,
                                 num_queries: int = 4, batch_size: int = 8, truncation: str = "error",
-                                seed: int = 0) -> dict[int, float]:
-    """Multi-query associative recall accuracy (all queries of all examples) per context length."""
+                                seed: int = 0, chat: bool = False) -> dict[int, float]:
+    """Multi-query associative recall accuracy (all queries of all examples) per context length
+    (chat: as in `passkey_accuracy`)."""
     def count(s):
         return len(tokenizer(s, add_special_tokens=False)["input_ids"])
 
@@ -78,7 +85,7 @@ def associative_recall_accuracy(model, tokenizer, lengths: Sequence[int], *, num
         prompts = [microworld.mqar_prompt(e, i) for e in ex for i in range(num_queries)]
         answers = [a for e in ex for a in e["answers"]]
         out[n] = _answer_prompts(model, tokenizer, prompts, answers, max_new_tokens=8, batch_size=batch_size,
-                                 truncation=truncation)
+                                 truncation=truncation, chat=chat)
     return out
 
 

@@ -40,10 +40,12 @@ def evaluate_models(models: dict, tokenizer, eval_cfg, *, world=None, log=print)
                                               batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens)
         if _lengths(eval_cfg.passkey_lengths):
             out["passkey"][name] = long_context.passkey_accuracy(
-                model, tokenizer, _lengths(eval_cfg.passkey_lengths), truncation=eval_cfg.truncation)
+                model, tokenizer, _lengths(eval_cfg.passkey_lengths), truncation=eval_cfg.truncation,
+                chat=eval_cfg.long_context_chat)
         if _lengths(eval_cfg.mqar_lengths):
             out["mqar"][name] = long_context.associative_recall_accuracy(
-                model, tokenizer, _lengths(eval_cfg.mqar_lengths), truncation=eval_cfg.truncation)
+                model, tokenizer, _lengths(eval_cfg.mqar_lengths), truncation=eval_cfg.truncation,
+                chat=eval_cfg.long_context_chat)
     reference = "teacher" if "teacher" in models else next(iter(models))
     out["table"] = scoring.comparison_table(out["qa"], reference=reference)
     return out

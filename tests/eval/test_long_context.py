@@ -53,6 +53,25 @@ def test_associative_recall_scores_each_query(tiny, monkeypatch):
     assert long_context.associative_recall_accuracy(model, tok, [256], num_examples=2, num_queries=3) == {256: 1.0}
 
 
+def test_chat_format_asks_each_prompt_as_a_user_turn(tiny, monkeypatch):
+    from hybrid_jax.data.chat import QWEN3_STYLE_TEMPLATE
+
+    model, tok = tiny
+    tok.chat_template = QWEN3_STYLE_TEMPLATE  # the tiny tokenizer ships none
+    seen = []
+
+    def gen(model, tok, prompts, max_new_tokens):
+        seen.extend(prompts)
+        return [" " + re.search(r"pass key is (\d+)", p).group(1) for p in prompts]
+
+    monkeypatch.setattr(long_context, "generate", gen)
+    assert long_context.passkey_accuracy(model, tok, [256], num_examples=2, chat=True) == {256: 1.0}
+    assert all(p.startswith("<|im_start|>user\n") and p.rstrip().endswith("</think>") for p in seen), seen[0][-80:]
+    seen.clear()
+    assert long_context.passkey_accuracy(model, tok, [256], num_examples=2) == {256: 1.0}
+    assert not any("<|im_start|>" in p for p in seen)
+
+
 def test_prompt_beyond_the_model_limit(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="more than the model's limit"):
