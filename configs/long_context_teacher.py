@@ -9,7 +9,9 @@ is 65536 only so that evaluation may ask at 32K: RoPE has no table to outgrow, a
 was trained beyond 512 positions (scripts/run_long_context.py measures what that gives).
 """
 
-from hybrid_jax.config import default_config, stage_config
+import os
+
+from hybrid_jax.pretrain import load_config_file
 
 # Contexts of the long-context chats in tokens; a chat adds ~25 template and answer tokens,
 # so the longest still fits one 512-token row unsplit. Short contexts put many answers in
@@ -20,25 +22,13 @@ TRAIN_SPLIT = f"corpus+instruct+long_context_{TRAIN_MIN}_{TRAIN_MAX}*4"
 
 
 def get_config():
-    config = default_config()
-    config.model.hidden_size = 128
-    config.model.intermediate_size = 384
-    config.model.num_hidden_layers = 4
-    config.model.num_attention_heads = 4
-    config.model.num_key_value_heads = 2
-    config.model.head_dim = 32
+    # configs/teacher_micro.py's model, tokenizer, optimiser and schedule; longer rows, fewer steps.
+    config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher_micro.py"))
     config.model.max_position_embeddings = 65536
-    config.tokenizer.vocab_size = 1024
-    config.data.source = "micro_world"
     # Sampled by record: 2/3 of the records and ~90% of the tokens are long-context chats.
     config.data.split = TRAIN_SPLIT
-    config.data.loss_mask = "completion"  # chats: the answer only; text documents: every token
     config.train.batch_size = 8
     config.train.seq_len = 512
-    config.train.log_every = 25
     config.train.checkpoint_every = 100
-    config.stages.pretrain = stage_config(type="sft", steps=300, lr=3e-3, schedule="wsd", warmup_frac=0.05,
-                                          decay_frac=0.3, weight_decay=0.0, clip_norm=1.0)
-    config.stage_order = "pretrain"
-    config.eval.max_items = 0
+    config.stages.pretrain.steps = 300
     return config

@@ -64,14 +64,14 @@ def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, an
             row = dict(model=name, context=ctx, cache_bytes=efficiency.cache_bytes_analytic(model, ctx))
             rows.append(row)
             try:
-                if not analytic and not ttft_only:
-                    row["cache_bytes_measured"] = efficiency.cache_bytes_measured(model, ctx)
                 if not analytic:
+                    if not ttft_only:
+                        row["cache_bytes_measured"] = efficiency.cache_bytes_measured(model, ctx)
                     row["ttft_s"] = efficiency.time_to_first_token(model, ctx, repeats=repeats,
                                                                    max_new_tokens=steps)
-                if not analytic and not ttft_only:
-                    row["decode_tok_s"] = efficiency.decode_tokens_per_second(
-                        model, ctx, batch_size=decode_batch, steps=steps, repeats=repeats)
+                    if not ttft_only:
+                        row["decode_tok_s"] = efficiency.decode_tokens_per_second(
+                            model, ctx, batch_size=decode_batch, steps=steps, repeats=repeats)
             except Exception as e:  # noqa: BLE001 - an out-of-memory size is a result, recorded as such
                 if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                     raise

@@ -2,8 +2,8 @@
 
     python scripts/kda_accuracy.py --kernels '[{}, {"matmul_state": "bf16"}]' [--T 4096]
 
-The forward output, the final state and every gradient (same loss as tests/gpu/test_kda_gpu.py,
-whose bound is 5e-3), per kernel keyword set: use it before making a faster variant the default.
+The forward output, the final state and every gradient, per kernel keyword set (the measurement
+tests/gpu/test_kda_gpu.py bounds at 5e-3): use it before making a faster variant the default.
 """
 
 import argparse
@@ -37,8 +37,9 @@ def inputs(B, T, H, K, V, segments, seed=0):
     return (q, k, v, g, beta, s0), seg, weights
 
 
-def errors(kernel_kw, *, B=1, T=4096, H=2, K=128, V=128, chunk_size=64, segments=False):
-    args, seg, (w, ws) = inputs(B, T, H, K, V, segments)
+def errors(kernel_kw, *, B=1, T=4096, H=2, K=128, V=128, chunk_size=64, segments=False, seed=0):
+    """{output, final state, each gradient: RMS-relative error}; inf where the kernel's is not finite."""
+    args, seg, (w, ws) = inputs(B, T, H, K, V, segments, seed)
 
     def grads(fn, *a):
         def loss(*a):

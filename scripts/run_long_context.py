@@ -70,20 +70,9 @@ def retrieval_items(task: str, length: int, tokenizer, *, examples: int, queries
     return prompts, answers, longest
 
 
-def score(model, tokenizer, prompts, answers, *, batch_size: int) -> tuple[float, list[str]]:
-    from hybrid_jax.eval.generate import generate
-    from hybrid_jax.eval.long_context import first_number, fit_to_context
-
-    limit = model.config.max_position_embeddings - MAX_NEW_TOKENS
-    for p in prompts:  # raises with the model's limit in the message
-        fit_to_context(tokenizer(p, add_special_tokens=False)["input_ids"], limit, "error")
-    replies = []
-    for start in range(0, len(prompts), batch_size):
-        replies += generate(model, tokenizer, prompts[start:start + batch_size], max_new_tokens=MAX_NEW_TOKENS)
-    return sum(first_number(r) == a for r, a in zip(replies, answers)) / len(answers), replies
-
-
 def evaluate_model(name, model, tokenizer, args, lengths, log) -> dict:
+    from hybrid_jax.eval.long_context import score_prompts
+
     out = {}
     for task in ("passkey", "mqar"):
         out[task] = {}
@@ -94,7 +83,8 @@ def evaluate_model(name, model, tokenizer, args, lengths, log) -> dict:
             t0 = time.perf_counter()
             prompts, answers, longest = retrieval_items(task, n, tokenizer, examples=examples,
                                                         queries=args.mqar_queries, seed=args.seed)
-            acc, replies = score(model, tokenizer, prompts, answers, batch_size=args.batch_size)
+            acc, replies = score_prompts(model, tokenizer, prompts, answers, max_new_tokens=MAX_NEW_TOKENS,
+                                         batch_size=args.batch_size)
             dt = time.perf_counter() - t0
             out[task][n] = {"accuracy": acc, "items": len(answers), "longest_prompt": longest, "seconds": dt,
                             "examples": [{"answer": a, "reply": r} for a, r in list(zip(answers, replies))[:4]]}

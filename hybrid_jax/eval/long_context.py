@@ -40,8 +40,10 @@ def first_number(text: str) -> str | None:
     return m.group(0) if m else None
 
 
-def _answer_prompts(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *, max_new_tokens: int,
-                    batch_size: int, truncation: str, chat: bool) -> float:
+def score_prompts(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *, max_new_tokens: int = 8,
+                  batch_size: int = 8, truncation: str = "error", chat: bool = False) -> tuple[float, list[str]]:
+    """(accuracy, replies): greedy replies to `prompts` (fitted to the model's limit by
+    `truncation`), right when their first number is the answer."""
     if chat:  # asked as a user turn, the reply generated as the assistant's
         prompts = [render_chat(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
     limit = model.config.max_position_embeddings - max_new_tokens
@@ -50,7 +52,7 @@ def _answer_prompts(model, tokenizer, prompts: Sequence[str], answers: Sequence[
     replies = []
     for start in range(0, len(texts), batch_size):
         replies += generate(model, tokenizer, texts[start:start + batch_size], max_new_tokens=max_new_tokens)
-    return sum(first_number(r) == a for r, a in zip(replies, answers)) / len(answers)
+    return sum(first_number(r) == a for r, a in zip(replies, answers)) / len(answers), replies
 
 
 def passkey_accuracy(model, tokenizer, lengths: Sequence[int], *, num_examples: int = 8, batch_size: int = 8,
@@ -65,8 +67,8 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int], *, num_examples: 
     out = {}
     for n in lengths:
         ex = microworld.passkey(n, num_examples=num_examples, seed=seed, count_tokens=count)
-        out[n] = _answer_prompts(model, tokenizer, [e["context"] + e["question"] for e in ex], [e["answer"] for e in ex],
-                                 max_new_tokens=8, batch_size=batch_size, truncation=truncation, chat=chat)
+        out[n] = score_prompts(model, tokenizer, [e["context"] + e["question"] for e in ex], [e["answer"] for e in ex],
+                               batch_size=batch_size, truncation=truncation, chat=chat)[0]
     return out
 
 
@@ -84,8 +86,8 @@ def associative_recall_accuracy(model, tokenizer, lengths: Sequence[int], *, num
                                            count_tokens=count)
         prompts = [microworld.mqar_prompt(e, i) for e in ex for i in range(num_queries)]
         answers = [a for e in ex for a in e["answers"]]
-        out[n] = _answer_prompts(model, tokenizer, prompts, answers, max_new_tokens=8, batch_size=batch_size,
-                                 truncation=truncation, chat=chat)
+        out[n] = score_prompts(model, tokenizer, prompts, answers, batch_size=batch_size, truncation=truncation,
+                               chat=chat)[0]
     return out
 
 
