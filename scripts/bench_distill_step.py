@@ -191,6 +191,38 @@ def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[
     return rows
 
 
+def train(batch: int, seq_len: int, steps: int, log_every: int = 3, remat: bool = False, logit_chunk: int = 1024,
+          tiny: bool = False):
+    """Runs the `logit_kd` stage of the real Trainer for `steps` steps on random tokens; returns
+    (teacher, student, config, workdir, layer spec, model shape, compute dtype)."""
+    from flax import nnx
+
+    import hybrid_jax as hj
+    from hybrid_jax.config import default_config, stage_config
+    from hybrid_jax.distill.trainer import Trainer
+    from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
+
+    shape = TINY if tiny else QWEN3_0P6B
+    compute = "float32" if tiny else "bfloat16"
+    teacher = Qwen3(Qwen3Config(**shape, dtype=compute, param_dtype=compute), rngs=nnx.Rngs(0))
+    layers = shape["num_hidden_layers"]
+    kept = [i for i in (0, 2, 6, 11, 13, 18, 21) if i < layers]
+    spec = f"attention:{','.join(map(str, kept))};kda:{','.join(str(i) for i in range(layers) if i not in kept)}"
+    # Trained weights are float32 master copies; the student computes in the teacher's dtype.
+    student = hj.build_student(teacher, spec, dtype=compute, param_dtype="float32", remat=remat)
+    config = default_config()
+    config.train.batch_size, config.train.seq_len = batch, seq_len
+    config.train.compute_dtype, config.train.remat = compute, remat
+    config.train.log_every, config.train.checkpoint_every = log_every, 10 ** 9
+    config.train.progress, config.train.tensorboard = False, False
+    config.stages.kd = stage_config(type="logit_kd", steps=steps, lr=1e-5, logit_chunk=logit_chunk)
+    config.stage_order = "kd"
+    workdir = tempfile.mkdtemp(prefix="bench_distill_")
+    Trainer(config, student, teacher=teacher, workdir=workdir,
+            data_fn=lambda stage: RandomTokens(batch, seq_len, shape["vocab_size"])).run()
+    return teacher, student, config, workdir, spec, shape, compute
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_distill_step")
@@ -204,31 +236,9 @@ def main():
     ap.add_argument("--breakdown", action="store_true", help="also time the step's parts alone")
     args = ap.parse_args()
     import jax
-    from flax import nnx
 
-    import hybrid_jax as hj
-    from hybrid_jax.config import default_config, stage_config
-    from hybrid_jax.distill.trainer import Trainer
-    from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
-
-    shape = TINY if args.tiny else QWEN3_0P6B
-    compute = "float32" if args.tiny else "bfloat16"
-    teacher = Qwen3(Qwen3Config(**shape, dtype=compute, param_dtype=compute), rngs=nnx.Rngs(0))
-    layers = shape["num_hidden_layers"]
-    kept = [i for i in (0, 2, 6, 11, 13, 18, 21) if i < layers]
-    spec = f"attention:{','.join(map(str, kept))};kda:{','.join(str(i) for i in range(layers) if i not in kept)}"
-    # Trained weights are float32 master copies; the student computes in the teacher's dtype.
-    student = hj.build_student(teacher, spec, dtype=compute, param_dtype="float32", remat=args.remat)
-    config = default_config()
-    config.train.batch_size, config.train.seq_len = args.batch, args.seq_len
-    config.train.compute_dtype, config.train.remat = compute, args.remat
-    config.train.log_every, config.train.checkpoint_every = args.log_every, 10 ** 9
-    config.train.progress, config.train.tensorboard = False, False
-    config.stages.kd = stage_config(type="logit_kd", steps=args.steps, lr=1e-5, logit_chunk=args.logit_chunk)
-    config.stage_order = "kd"
-    workdir = tempfile.mkdtemp(prefix="bench_distill_")
-    Trainer(config, student, teacher=teacher, workdir=workdir,
-            data_fn=lambda stage: RandomTokens(args.batch, args.seq_len, shape["vocab_size"])).run()
+    teacher, student, config, workdir, spec, shape, compute = train(
+        args.batch, args.seq_len, args.steps, args.log_every, args.remat, args.logit_chunk, args.tiny)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     tps = statistics.median(r["tokens_per_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["tokens_per_s"]
     flops = step_flops_per_token(student, teacher, args.seq_len, 64) * tps
