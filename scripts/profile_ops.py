@@ -12,7 +12,8 @@ initialisation are in the trace too; the per-module table shows their share). Th
 (`jax.profiler`, perfetto JSON) gives every device kernel's time; XLA's optimised-HLO dump
 (written by this process) maps each kernel's HLO op to the Python line that created it, so XLA
 fusions (norms, gates, convolutions, casts) are charged to `file:line` and Pallas kernels to
-their names. Prints a table of the largest rows and a per-file summary, both per call (per
+their names. XLA's CUDA-graph command buffers are turned off (they would hide the ops), so
+totals can differ slightly from an unprofiled run. Prints a table of the largest rows and a per-file summary, both per call (per
 step), and writes DIR/profile.json. Run one target per process: the dump is per process.
 """
 
@@ -172,7 +173,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     dump = tempfile.mkdtemp(prefix="xla_dump_")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$").strip()
+                               f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$"
+                               # CUDA graphs would hide each kernel's HLO op behind one command buffer
+                               " --xla_gpu_enable_command_buffer=").strip()
     import jax
 
     trace = tempfile.mkdtemp(prefix="trace_")
