@@ -31,7 +31,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_OP = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(.*?metadata=\{([^}]*)\}")
+_KIND = re.compile(r"kind=(\w+)")
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 _MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|gemv|matmul|dot", re.IGNORECASE)
 
@@ -61,11 +62,11 @@ def _stack_tables(text: str) -> dict[int, list[str]]:
     return stacks
 
 
-def hlo_sources(dump_dir: str) -> dict[tuple[str, str], str]:
-    """(module name, op name) -> 'file:line (function)' of the innermost frame in this
-    repository (else the innermost frame, else the op_name), read from XLA's after-optimisations
-    text dumps. Larger modules win a name clash."""
-    found: dict[tuple[str, str], str] = {}
+def hlo_sources(dump_dir: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """(module name, op name) -> ('file:line (function)' of the innermost frame in this
+    repository, else the innermost frame, else the op_name; 'opcode kind shape' of the op),
+    read from XLA's after-optimisations text dumps. Larger modules win a name clash."""
+    found: dict[tuple[str, str], tuple[str, str]] = {}
     files = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")), key=os.path.getsize)
     for path in files:
         with open(path) as f:
@@ -78,10 +79,13 @@ def hlo_sources(dump_dir: str) -> dict[tuple[str, str], str]:
             m = _OP.match(line)
             if not m:
                 continue
-            meta = {k: v.strip('"') for k, v in _FIELD.findall(m.group(2))}
+            meta = {k: v.strip('"') for k, v in _FIELD.findall(m.group(4))}
             chain = stacks.get(int(meta.get("stack_frame_id", -1)), [])
             ours = [c for c in chain if c.startswith(("hybrid_jax/", "pallas_kernels/"))]
-            found[(module, m.group(1))] = (ours or chain or [meta.get("op_name", "?")])[0]
+            kind = _KIND.search(line)
+            shape = re.sub(r"\{[^}]*\}", "", m.group(2))  # drop layouts
+            found[(module, m.group(1))] = ((ours or chain or [meta.get("op_name", "?")])[0],
+                                           f"{m.group(3)}{' ' + kind.group(1) if kind else ''} {shape}")
     return found
 
 
@@ -111,13 +115,19 @@ def device_events(trace_dir: str) -> list[dict]:
     return out
 
 
-def attribute(events: list[dict], sources: dict, calls: int) -> dict:
-    """Rows {label, kind, ms (per call), launches (per call)} and a per-file summary."""
+def attribute(events: list[dict], sources: dict, calls: int, modules_re: str = "") -> dict:
+    """Rows {label, kind, ms (per call), launches (per call), largest op} of the events of the
+    HLO modules matching `modules_re`, per-file and per-module summaries, and the time outside."""
     rows: dict[str, dict] = {}
+    op_us: dict[tuple[str, str, str], float] = collections.Counter()
+    outside = 0.0
     for e in events:
         args = e.get("args") or {}
         name, op, module = e["name"], args.get("hlo_op", ""), args.get("hlo_module", "")
-        src = sources.get((module, op))
+        if modules_re and not re.search(modules_re, module):
+            outside += float(e["dur"])
+            continue
+        src, detail = sources.get((module, op), (None, ""))
         if name.startswith(("kda_", "swa_", "ttt_")):
             kind, label = "pallas", name.split(".")[0]
         elif _MATMUL.search(name) or _MATMUL.search(op):
@@ -126,31 +136,39 @@ def attribute(events: list[dict], sources: dict, calls: int) -> dict:
             kind, label = "other", name[:60]
         else:
             kind, label = "xla", src or op
-        r = rows.setdefault(label, dict(label=label, kind=kind, us=0.0, launches=0))
+        r = rows.setdefault(label, dict(label=label, kind=kind, us=0.0, launches=0, largest_op=""))
         r["us"] += float(e["dur"])
         r["launches"] += 1
+        op_us[(label, op, detail)] += float(e["dur"])
+    for (label, op, detail), _ in sorted(op_us.items(), key=lambda kv: kv[1]):  # the largest last
+        if detail:
+            rows[label]["largest_op"] = f"{op}: {detail}"
     table = sorted(rows.values(), key=lambda r: -r["us"])
     for r in table:
         r["ms"] = r.pop("us") / 1e3 / calls
         r["launches"] = r["launches"] / calls
     modules = collections.Counter()
     for e in events:
+        if modules_re and not re.search(modules_re, (e.get("args") or {}).get("hlo_module", "")):
+            continue
         modules[(e.get("args") or {}).get("hlo_module", "(none)")] += float(e["dur"]) / 1e3 / calls
     files = collections.defaultdict(float)
     for r in table:
         key = r["label"] if r["kind"] == "pallas" else r["label"].split(" @ ")[-1].rsplit(":", 1)[0]
         files[f"{r['kind']}: {key}"] += r["ms"]
-    return dict(total_ms=sum(r["ms"] for r in table), rows=table,
+    return dict(total_ms=sum(r["ms"] for r in table), outside_ms=outside / 1e3 / calls, rows=table,
                 modules=[{"module": m, "ms": v} for m, v in modules.most_common()],
                 files=sorted(({"file": k, "ms": v} for k, v in files.items()), key=lambda r: -r["ms"]))
 
 
 def print_report(title: str, result: dict, top: int) -> None:
     total = result["total_ms"]
-    print(f"\n## {title}: {total:.2f} ms of device kernels per call\n")
-    print(f"| {'kernel / source line':<60} | kind | ms | % | launches |\n|---|---|---|---|---|")
+    print(f"\n## {title}: {total:.2f} ms of device kernels per call "
+          f"(+ {result['outside_ms']:.2f} ms in other modules: compiles' autotuning, transfers, set-up)\n")
+    print(f"| {'kernel / source line':<60} | kind | ms | % | launches | largest op |\n|---|---|---|---|---|---|")
     for r in result["rows"][:top]:
-        print(f"| {r['label'][:60]:<60} | {r['kind']} | {r['ms']:.3f} | {100 * r['ms'] / total:.1f} | {r['launches']:g} |")
+        print(f"| {r['label'][:60]:<60} | {r['kind']} | {r['ms']:.3f} | {100 * r['ms'] / total:.1f} | "
+              f"{r['launches']:g} | {r['largest_op'][:90]} |")
     for title_, key, rows in (("by file", "file", result["files"]), ("by HLO module", "module", result["modules"])):
         print(f"\n| {title_:<60} | ms | % |\n|---|---|---|")
         for r in rows[:top]:
@@ -169,6 +187,8 @@ def main():
     ap.add_argument("--logit_chunk", type=int, default=1024)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--modules", default=None,
+                    help="regex of the HLO modules to attribute (default: the prefill's or the trainer step's)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dump = tempfile.mkdtemp(prefix="xla_dump_")
@@ -200,7 +220,9 @@ def main():
             train(1, args.seq_len, args.steps, log_every=args.steps, logit_chunk=args.logit_chunk, tiny=args.tiny)
         calls = args.steps
         title = f"distillation step, 1x{args.seq_len}, per step ({args.steps} steps)"
-    result = attribute(device_events(trace), hlo_sources(dump), calls)
+    modules_re = args.modules if args.modules is not None else ("^jit__prefill$" if args.target == "prefill"
+                                                                else "^jit_step$")
+    result = attribute(device_events(trace), hlo_sources(dump), calls, modules_re)
     result.update(title=title, device=jax.devices()[0].device_kind, jax=jax.__version__, args=vars(args))
     print_report(title, result, args.top)
     with open(os.path.join(args.out, f"profile_{args.target}_{args.model if args.target == 'prefill' else 'step'}.json"), "w") as f:
