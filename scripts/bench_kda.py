@@ -190,7 +190,7 @@ def breakdown(shape, iters, variants):
                                          fields["mm_state"])
             row["state"] = {k: fields[k] for k in ("bv_state", "stages_state", "mm_state")}
             cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
-                          mm=kw.get("mm", "tf32"), **fields)
+                          mm=kw.get("mm", "bf16"), **fields)  # chunk_kda_gpu's default for bf16 inputs
 
             def jit(f, cfg=cfg, **kws):
                 return jax.jit(lambda *a: f(*a, cfg, **kws))

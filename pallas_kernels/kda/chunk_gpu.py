@@ -286,12 +286,15 @@ def _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, *, C, K, seg, bk
 
 
 def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref, d_ref,
-                      w_ref, u_ref, p_ref, kd_ref, m_ref, a_ref, *, C, K, V, seg, bk, bv, mm):
+                      w_ref, u_ref, p_ref, kd_ref, *residual_refs, C, K, V, seg, bk, bv, mm):
+    """residual_refs: (M, A) for the backward pass, or none (a forward pass alone)."""
     A, P, beta, M = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, d_ref, C=C, K=K, bk=bk,
                                   seg=seg, mm=mm)
     p_ref[...] = P
-    m_ref[...] = M
-    a_ref[...] = A
+    if residual_refs:
+        m_ref, a_ref = residual_refs
+        m_ref[...] = M
+        a_ref[...] = A
     T = M * beta[None, :]
     _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, C=C, K=K, seg=seg, bk=bk, mm=mm)
 
@@ -330,9 +333,9 @@ def _state_fwd_kernel(g_ref, fs_ref, w_ref, u_ref, kd_ref, s0_ref, h_ref, vn_ref
     """The sequential part only: per chunk v_new = u - W S, S <- exp(G_C) S + kd^T v_new."""
     def body(n, s):
         t0 = pl.multiple_of(n * C, C)
-        h_ref[n] = s
+        h_ref[n] = s.astype(h_ref.dtype)
         vn = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w_ref[pl.ds(t0, C), :], s, mm)
-        vn_ref[pl.ds(t0, C), :] = vn
+        vn_ref[pl.ds(t0, C), :] = vn.astype(vn_ref.dtype)
         return _end_decay(g_ref, fs_ref, t0, C, seg) * s + _mm_tn(kd_ref[pl.ds(t0, C), :], vn, mm)
 
     sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
@@ -354,9 +357,9 @@ def _state_bwd_kernel(g_ref, fs_ref, w_ref, kd_ref, qg_ref, do_ref, dvl_ref, dsT
     def body(i, ds):
         n = NT - 1 - i
         t0 = pl.multiple_of(n * C, C)
-        dh_ref[n] = ds
+        dh_ref[n] = ds.astype(dh_ref.dtype)
         dvn = _f32(dvl_ref[pl.ds(t0, C), :]) + _mm(kd_ref[pl.ds(t0, C), :], ds, mm)
-        dvn_ref[pl.ds(t0, C), :] = dvn
+        dvn_ref[pl.ds(t0, C), :] = dvn.astype(dvn_ref.dtype)
         return (_end_decay(g_ref, fs_ref, t0, C, seg) * ds
                 + _mm_tn(qg_ref[pl.ds(t0, C), :], do_ref[pl.ds(t0, C), :], mm)
                 - _mm_tn(w_ref[pl.ds(t0, C), :], dvn, mm))
@@ -492,6 +495,13 @@ def _state_operand_dtype(cfg):
     return jnp.bfloat16 if cfg.mm_state == "bf16" else jnp.float32
 
 
+def _chunk_operand_dtype(cfg):
+    """Storage of the per-chunk states h and dh and of v_new and d v_new, which the per-chunk
+    kernels read as operands of their products (and h, dh once more in the elementwise sum of
+    d/dG_C): bf16 when those products take bf16 operands, as fla stores them."""
+    return jnp.bfloat16 if cfg.mm == "bf16" else jnp.float32
+
+
 def _params(cfg, warps, stages=None):
     return dict(interpret=cfg.interpret,
                 compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages or cfg.stages))
@@ -526,9 +536,9 @@ def _diag_pairs(q, k, G, cfg):
     )(q, k, G)
 
 
-def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg):
-    """W, U, P, kd = k * exp(G_C - G), M and A per chunk (parallel over chunks); d: the
-    compact diagonal blocks of A and P (`_diag_pairs`)."""
+def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals=True):
+    """W, U, P, kd = k * exp(G_C - G) and, with `residuals`, M and A per chunk (parallel over
+    chunks); d: the compact diagonal blocks of A and P (`_diag_pairs`)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     C = cfg.C
@@ -540,12 +550,12 @@ def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg):
         grid=(B, H, Tp // C),
         in_specs=[ck, ck, cv, ck, cb, cm, cm, cm,
                   pl.BlockSpec((None, C, None, 2 * BC), lambda b, h, n: (b, n, h, 0))],
-        out_specs=[ck, cv, cp, ck, cp, cp],
+        out_specs=[ck, cv, cp, ck] + [cp, cp] * residuals,
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _state_operand_dtype(cfg)),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, C), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, K), _state_operand_dtype(cfg))]
-        + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2,
+        + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2 * residuals,
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
     )(q, k, v, G, beta, run, fs, ls, d)
 
@@ -573,8 +583,8 @@ def _state_fwd(G, fs, w, u, kd, s0, cfg):
         kern, grid=(B, H, V // bv),
         in_specs=[sp["k"], sp["m"], sp["k"], sp["v"], sp["k"], sp["s"]],
         out_specs=[sp["h"], sp["v"], sp["s"]],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), f32),
+        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), _chunk_operand_dtype(cfg)),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), _chunk_operand_dtype(cfg)),
                    jax.ShapeDtypeStruct((B, H, K, V), f32)],
         name="kda_state_fwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
     )(G, fs, w, u, kd, s0)
@@ -624,8 +634,8 @@ def _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg):
         kern, grid=(B, H, V // bv),
         in_specs=[sp["k"], sp["m"], sp["k"], sp["k"], sp["k"], sp["v"], sp["v"], sp["s"]],
         out_specs=[sp["h"], sp["v"], sp["s"]],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), f32),
+        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), _chunk_operand_dtype(cfg)),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), _chunk_operand_dtype(cfg)),
                    jax.ShapeDtypeStruct((B, H, K, V), f32)],
         name="kda_state_bwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
     )(G, fs, w, kd, qg, do, dvl, dsT)
@@ -686,15 +696,21 @@ def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
 def _kda_core(q, k, v, G, beta, s0, run, fs, ls, cfg):
-    return _kda_core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg)[0]
+    # Not differentiated (prefill, evaluation): M and A, kept only for the backward pass, are
+    # not written.
+    return _forward(q, k, v, G, beta, s0, run, fs, ls, cfg, residuals=False)[0]
+
+
+def _forward(q, k, v, G, beta, s0, run, fs, ls, cfg, residuals):
+    d = _diag_pairs(q, k, G, cfg)
+    w, u, p, kd, *MA = _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals)
+    h, vn, sT = _state_fwd(G, fs, w, u, kd, s0, cfg)
+    o = _out_fwd(q, G, fs, p, h, vn, cfg, v.dtype)
+    return (o, sT), (q, k, v, G, beta, run, fs, ls, h, vn, p, *MA)
 
 
 def _kda_core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
-    d = _diag_pairs(q, k, G, cfg)
-    w, u, p, kd, M, A = _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg)
-    h, vn, sT = _state_fwd(G, fs, w, u, kd, s0, cfg)
-    o = _out_fwd(q, G, fs, p, h, vn, cfg, v.dtype)
-    return (o, sT), (q, k, v, G, beta, run, fs, ls, h, vn, p, M, A)
+    return _forward(q, k, v, G, beta, s0, run, fs, ls, cfg, residuals=True)
 
 
 def _kda_core_bwd(cfg, res, cts):
@@ -753,9 +769,11 @@ def chunk_kda_gpu(
     The jnp prologue (XLA-fused) normalises/scales q and k, takes the in-chunk cumsum of g
     in fp32, pads T to a multiple of the chunk and K, V to powers of two (zero tokens and
     zero channels leave the state unchanged), and turns segment ids into run masks.
-    matmul: "ieee" | "tf32" | "bf16" (default: "ieee" for fp32 inputs, "tf32" otherwise);
-      matmul_state: the same for the state kernels' products (default: "ieee" for fp32
-      inputs, "bf16" otherwise: bf16 operands, fp32 state and accumulation, as fla does).
+    matmul: "ieee" | "tf32" | "bf16" (default: "ieee" for fp32 inputs, "bf16" otherwise: bf16
+      operands and fp32 accumulation in the per-chunk products, as fla does, except the
+      in-block pairs, which take at least tf32; with bf16, h, dh, v_new and d v_new are stored
+      in bf16 too); matmul_state: the same for the state kernels' products (default: "ieee"
+      for fp32 inputs, "bf16" otherwise, with fp32 state and accumulation).
     diagonal: how the forward's diag kernel forms the pairs inside each 16-token block:
       "levels" (the in-block split of `_level_pairs`: tensor-core products whose factors are
       <= 1 at any decay; the default, 1.1 ms against 1.9 ms at B=8, T=4096, H=16 on an H200)
@@ -802,7 +820,7 @@ def chunk_kda_gpu(
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
                warps_intra=num_warps_intra, warps_state=num_warps_state,
                warps_blocks=num_warps_blocks, warps_diag=num_warps_diag, stages=num_stages,
-               mm=matmul or ("ieee" if dt == jnp.float32 else "tf32"), diag=diagonal,
+               mm=matmul or ("ieee" if dt == jnp.float32 else "bf16"), diag=diagonal,
                **_state_settings(B, H, Vp, dt, block_v_state, num_stages_state, matmul_state))
     o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
     o = o[:, :T, :, :V]

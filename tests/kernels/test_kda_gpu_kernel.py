@@ -118,3 +118,19 @@ def test_unknown_diagonal_form_is_rejected_by_name():
     q = jnp.zeros((1, 16, 1, 16))
     with pytest.raises(ValueError, match="diagonal must be 'levels' or 'loop'"):
         chunk_kda_gpu(q, q, q, q, jnp.zeros((1, 16, 1)), interpret=True, diagonal="rows")
+
+
+def test_bf16_defaults_in_interpret_mode_match_fp32_oracle():
+    # The GPU defaults for bf16 inputs (bf16 matmul operands, h / v_new / dh / d v_new and
+    # W / kd / q*Gam stored in bf16) run here in interpret mode against the fp32 oracle: the
+    # same measurement tests/gpu/test_kda_gpu.py bounds at T=4096, at a CPU-sized shape.
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "kda_accuracy", Path(__file__).resolve().parents[2] / "scripts" / "kda_accuracy.py")
+    kda_accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kda_accuracy)
+    errs = kda_accuracy.errors(dict(interpret=True), T=192, H=2, K=32, V=32, segments=True, seed=3)
+    assert all(np.isfinite(e) for e in errs.values()), errs
+    assert all(e <= 5e-3 for e in errs.values()), errs
