@@ -22,7 +22,8 @@ Traffic per element (the whole cost: a few flops per element, no reuse), gated f
   backward one read of g_raw (2 B) and dG (4 B) + one write of d g_raw (2 B) + 8/C B of
            partial sums: 8.125 B at C = 64, bf16
   (chunk_local_cumsum: 4 + 4 B each way.) At B=1, T=131072, H=16, K=128 (268M elements) the
-  bf16 forward moves 1.61 GB: 0.48 ms at 3.35 TB/s (H100 SXM), 0.34 ms at 4.8 TB/s (H200).
+  bf16 forward moves 1.61 GB: a bound of 0.48 ms at 3.35 TB/s (H100 SXM), 0.34 ms at 4.8 TB/s
+  (H200); not measured here.
   The grid there is 1 x 2048 x 16 = 32768 programs at C=64 (65536 at C=32), each moving 48 KiB.
 num_warps (default 4): a [64, 128] fp32 block is 64 values per thread at 4 warps.
 """
