@@ -155,11 +155,13 @@ def run_fla(shape, iters):
 
 
 # --breakdown keys: _Cfg field and the chunk_kda_gpu argument whose default it takes
-SHORT = {"bv": ("bv", "block_v"), "bk": ("bk", "block_k"), "wi": ("warps_intra", "num_warps_intra"),
+SHORT = {"bv": ("bv", "block_v"), "bk": ("bk", "block_k"), "bki": ("bk_intra", "block_k_intra"),
+         "wi": ("warps_intra", "num_warps_intra"),
          "ws": ("warps_state", "num_warps_state"), "wb": ("warps_blocks", "num_warps_blocks"),
          "wd": ("warps_diag", "num_warps_diag"), "st": ("stages", "num_stages"),
          "diag": ("diag", "diagonal"), "bvs": ("bv_state", "block_v_state"),
-         "sst": ("stages_state", "num_stages_state"), "mms": ("mm_state", "matmul_state")}
+         "sst": ("stages_state", "num_stages_state"), "ssb": ("stages_state_bwd", "num_stages_state_bwd"),
+         "mms": ("mm_state", "matmul_state")}
 
 
 def breakdown(shape, iters, variants):
@@ -187,8 +189,8 @@ def breakdown(shape, iters, variants):
             G = jnp.cumsum(jnp.asarray(g).reshape(B, T // C, C, H, K), axis=2).reshape(B, T, H, K)
             fields = {field: kw.get(key, default[arg]) for key, (field, arg) in SHORT.items()}
             fields |= cg._state_settings(B, H, V, bf, fields["bv_state"], fields["stages_state"],
-                                         fields["mm_state"])
-            row["state"] = {k: fields[k] for k in ("bv_state", "stages_state", "mm_state")}
+                                         fields["mm_state"], fields["stages_state_bwd"])
+            row["state"] = {k: fields[k] for k in ("bv_state", "stages_state", "stages_state_bwd", "mm_state")}
             cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
                           mm=kw.get("mm", "bf16"), **fields)  # chunk_kda_gpu's default for bf16 inputs
 

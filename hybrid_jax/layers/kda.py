@@ -120,11 +120,14 @@ class KDA(nnx.Module):
     def _w(self, p):
         return p[...].astype(self.dtype)
 
+    def raw_gate(self, x):
+        """The per-channel gate before kda_gate, [B,T,H,hd] (KDA only)."""
+        return jnp.einsum("btr,rhk->bthk", x @ self._w(self.f_down), self._w(self.f_up))
+
     def log_decay(self, x):
         """g [B,T,H,hd] float32 (<= 0)."""
         if self.gate == "channel":
-            raw = jnp.einsum("btr,rhk->bthk", x @ self._w(self.f_down), self._w(self.f_up))
-            return kda_gate(raw, self.A_log[...], self.dt_bias[...])
+            return kda_gate(self.raw_gate(x), self.A_log[...], self.dt_bias[...])
         raw = jnp.einsum("btd,dh->bth", x, self._w(self.f_proj))[..., None]
         g = kda_gate(raw, self.A_log[...], self.dt_bias[...])
         return jnp.broadcast_to(g, (*g.shape[:-1], self.head_dim))
@@ -149,7 +152,11 @@ class KDA(nnx.Module):
         if self.num_kv_heads != self.num_heads:  # GQA: query head h reads key/value head h // groups
             groups = self.num_heads // self.num_kv_heads
             k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-        g = self.log_decay(x)
+        if self.gate == "channel":  # the ops apply kda_gate (on GPU fused with the chunk cumsum)
+            g, gate_kw = self.raw_gate(x), dict(use_gate_in_kernel=True, A_log=self.A_log[...],
+                                                dt_bias=self.dt_bias[...])
+        else:
+            g, gate_kw = self.log_decay(x), {}
         beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, self._w(self.b_proj)).astype(jnp.float32))
         state = None
         if cache is not None:
@@ -159,7 +166,7 @@ class KDA(nnx.Module):
         op = fused_recurrent_kda if (cache is not None and t == 1) else chunk_kda
         o, final = op(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
                       use_qk_l2norm_in_kernel=True, segment_ids=segment_ids, chunk_size=self.chunk_size,
-                      backend=self.backend)
+                      backend=self.backend, **gate_kw)
         gate = jnp.einsum("btr,rhk->bthk", x @ self._w(self.g_down), self._w(self.g_up))
         if self.g_bias is not None:
             gate = gate + self._w(self.g_bias)

@@ -48,6 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.kda.gate_cumsum import chunk_local_cumsum, chunk_local_gate_cumsum
 from pallas_kernels.kda.reference import prepare_qk, segment_resets
 
 BC = 16  # rows per sub-block inside a chunk (the smallest tensor-core tile)
@@ -478,9 +479,9 @@ class _Cfg(tuple):
     """Static configuration (hashable): chunk, segments, interpret, tiles, warps."""
 
     __slots__ = ()
-    fields = ("C", "seg", "interpret", "bv", "bk", "warps_intra", "warps_state",
+    fields = ("C", "seg", "interpret", "bv", "bk", "bk_intra", "warps_intra", "warps_state",
               "warps_blocks", "warps_diag", "stages", "mm", "diag",
-              "bv_state", "stages_state", "mm_state")
+              "bv_state", "stages_state", "stages_state_bwd", "mm_state")
 
     def __new__(cls, **kw):
         return super().__new__(cls, tuple(kw[f] for f in cls.fields))
@@ -545,7 +546,7 @@ def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals=True):
     ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
     f32 = jnp.float32
     return pl.pallas_call(
-        functools.partial(_intra_fwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk,
+        functools.partial(_intra_fwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk_intra,
                           bv=min(cfg.bv, V), mm=cfg.mm),
         grid=(B, H, Tp // C),
         in_specs=[ck, ck, cv, ck, cb, cm, cm, cm,
@@ -637,7 +638,7 @@ def _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg):
         out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), _chunk_operand_dtype(cfg)),
                    jax.ShapeDtypeStruct((B, Tp, H, V), _chunk_operand_dtype(cfg)),
                    jax.ShapeDtypeStruct((B, H, K, V), f32)],
-        name="kda_state_bwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
+        name="kda_state_bwd", **_params(cfg, cfg.warps_state, cfg.stages_state_bwd),
     )(G, fs, w, kd, qg, do, dvl, dsT)
 
 
@@ -746,11 +747,16 @@ def _state_tile(programs_per_tile, V, widths=(64, 32, 16)):
     return widths[-1]
 
 
-def _state_settings(B, H, V, dtype, block_v_state=None, num_stages_state=None, matmul_state=None):
-    """{bv_state, stages_state, mm_state} of `_Cfg`, the defaults filled in (see chunk_kda_gpu)."""
+def _state_settings(B, H, V, dtype, block_v_state=None, num_stages_state=None, matmul_state=None,
+                    num_stages_state_bwd=None):
+    """{bv_state, stages_state, stages_state_bwd, mm_state} of `_Cfg`, the defaults filled in
+    (see chunk_kda_gpu)."""
     mm = matmul_state or ("ieee" if dtype == jnp.float32 else "bf16")
-    return dict(bv_state=min(block_v_state or _state_tile(B * H, V), V),
-                stages_state=num_stages_state or (2 if mm == "bf16" else 1), mm_state=mm)
+    bv = min(block_v_state or _state_tile(B * H, V), V)
+    # 3 forward stages measured at the 16-wide tile only (1x131072x16: 4.07 -> 3.34 ms).
+    fwd = 1 if mm != "bf16" else (3 if bv <= 16 else 2)
+    return dict(bv_state=bv, stages_state=num_stages_state or fwd, mm_state=mm,
+                stages_state_bwd=num_stages_state_bwd or (2 if mm == "bf16" else 1))
 
 
 def _pow2_at_least_16(n):
@@ -760,9 +766,9 @@ def _pow2_at_least_16(n):
 def chunk_kda_gpu(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
-    block_v=64, block_k=32, num_warps_intra=4, num_warps_state=4, num_warps_blocks=4,
-    num_warps_diag=1, num_stages=1, block_v_state=None, num_stages_state=None,
-    matmul=None, matmul_state=None, diagonal="levels",
+    block_v=64, block_k=32, block_k_intra=64, num_warps_intra=4, num_warps_state=4,
+    num_warps_blocks=4, num_warps_diag=1, num_stages=1, block_v_state=None, num_stages_state=None,
+    num_stages_state_bwd=None, matmul=None, matmul_state=None, diagonal="levels", gate=None,
 ):
     """Chunked KDA with the Pallas Triton kernels (inputs validated by the caller).
 
@@ -774,15 +780,20 @@ def chunk_kda_gpu(
       in-block pairs, which take at least tf32; with bf16, h, dh, v_new and d v_new are stored
       in bf16 too); matmul_state: the same for the state kernels' products (default: "ieee"
       for fp32 inputs, "bf16" otherwise, with fp32 state and accumulation).
+    gate: None (g is the log-decay) or (A_log, dt_bias, lower_bound): g is the raw gate, and
+      one kernel computes kda_gate and the in-chunk cumsum (`chunk_local_gate_cumsum`).
     diagonal: how the forward's diag kernel forms the pairs inside each 16-token block:
       "levels" (the in-block split of `_level_pairs`: tensor-core products whose factors are
       <= 1 at any decay; the default, 1.1 ms against 1.9 ms at B=8, T=4096, H=16 on an H200)
       or "loop" (one key row per step, pairwise exps). The backward always uses the levels.
-    block_v_state / num_stages_state: V tile and pipeline stages of the two sequential state
-      kernels, whose grid is only (B, H, V / tile); None picks the widest tile that still
-      gives every multiprocessor a program (`_state_tile`). Stages default to 2 with bf16
-      products, where Triton then loads the next chunk's tiles during this chunk's products,
-      and 1 otherwise (2 stages with tf32 products doubled state_bwd's time; docs/kda.md).
+    block_k / block_k_intra: K tile of the per-chunk kernels, and of the forward's intra kernel
+      (64: 4.45 -> 3.77 ms at 1x131072x16 on an H200, where the diag kernel prefers 32).
+    block_v_state / num_stages_state / num_stages_state_bwd: V tile and pipeline stages of the
+      two sequential state kernels (forward, backward), whose grid is only (B, H, V / tile);
+      None picks the widest tile that still gives every multiprocessor a program
+      (`_state_tile`). With bf16 products Triton then loads the next chunks' tiles during this
+      chunk's products: 3 forward stages at a 16-wide tile (else 2) and 2 backward stages; 1
+      otherwise (2 stages with tf32 products doubled state_bwd's time; docs/kda.md).
     """
     if diagonal not in ("levels", "loop"):
         raise ValueError(f"chunk_kda_gpu: diagonal must be 'levels' or 'loop', got {diagonal!r}")
@@ -802,8 +813,14 @@ def chunk_kda_gpu(
 
     qs, ks = pad(qs.astype(dt), Kp), pad(ks.astype(dt), Kp)
     vp = pad(v, Vp)
-    gp = pad(g.astype(jnp.float32), Kp)
-    G = jnp.cumsum(gp.reshape(B, Tp // C, C, H, Kp), axis=2).reshape(B, Tp, H, Kp)
+    if gate is None:
+        G = chunk_local_cumsum(pad(g.astype(jnp.float32), Kp), C, interpret=interpret)
+    else:  # padded tokens (t >= T) get zero log-decay; padded channels meet zero q and k
+        A_log, dt_bias, lower_bound = gate
+        bias = (None if dt_bias is None else
+                jnp.pad(dt_bias.reshape(H, K).astype(jnp.float32), [(0, 0), (0, Kp - K)]))
+        G = chunk_local_gate_cumsum(pad(g, Kp), A_log, bias, chunk_size=C, length=T,
+                                    lower_bound=lower_bound, interpret=interpret)
     bp = pad(beta.astype(jnp.float32))
     s0 = (jnp.zeros((B, H, Kp, Vp), jnp.float32) if initial_state is None else
           jnp.pad(initial_state.astype(jnp.float32), [(0, 0), (0, 0), (0, Kp - K), (0, Vp - V)]))
@@ -818,10 +835,12 @@ def chunk_kda_gpu(
     else:
         run = fs = ls = jnp.zeros((B, Tp), jnp.float32)
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
+               bk_intra=min(block_k_intra, Kp),
                warps_intra=num_warps_intra, warps_state=num_warps_state,
                warps_blocks=num_warps_blocks, warps_diag=num_warps_diag, stages=num_stages,
                mm=matmul or ("ieee" if dt == jnp.float32 else "bf16"), diag=diagonal,
-               **_state_settings(B, H, Vp, dt, block_v_state, num_stages_state, matmul_state))
+               **_state_settings(B, H, Vp, dt, block_v_state, num_stages_state, matmul_state,
+                                 num_stages_state_bwd))
     o, sT = _kda_core(qs, ks, vp, G, bp, s0, run, fs, ls, cfg)
     o = o[:, :T, :, :V]
     return o, (sT[:, :, :K, :V] if output_final_state else None)
