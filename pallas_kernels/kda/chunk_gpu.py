@@ -753,9 +753,9 @@ def _state_settings(B, H, V, dtype, block_v_state=None, num_stages_state=None, m
     (see chunk_kda_gpu)."""
     mm = matmul_state or ("ieee" if dtype == jnp.float32 else "bf16")
     bv = min(block_v_state or _state_tile(B * H, V), V)
-    # 3 forward stages measured at the 16-wide tile only (1x131072x16: 4.07 -> 3.34 ms).
-    fwd = 1 if mm != "bf16" else (3 if bv <= 16 else 2)
-    return dict(bv_state=bv, stages_state=num_stages_state or fwd, mm_state=mm,
+    # H200: 3 forward stages 4.07 -> 3.34 ms at 1x131072x16 (tile 16), 0.72 -> 0.57 ms at
+    # 8x4096x16 (tile 64); 3 backward stages were slower (0.85 -> 0.99 ms at 8x4096x16).
+    return dict(bv_state=bv, stages_state=num_stages_state or (3 if mm == "bf16" else 1), mm_state=mm,
                 stages_state_bwd=num_stages_state_bwd or (2 if mm == "bf16" else 1))
 
 
@@ -792,8 +792,8 @@ def chunk_kda_gpu(
       two sequential state kernels (forward, backward), whose grid is only (B, H, V / tile);
       None picks the widest tile that still gives every multiprocessor a program
       (`_state_tile`). With bf16 products Triton then loads the next chunks' tiles during this
-      chunk's products: 3 forward stages at a 16-wide tile (else 2) and 2 backward stages; 1
-      otherwise (2 stages with tf32 products doubled state_bwd's time; docs/kda.md).
+      chunk's products: 3 forward and 2 backward stages; 1 otherwise (2 stages with tf32
+      products doubled state_bwd's time; docs/kda.md).
     """
     if diagonal not in ("levels", "loop"):
         raise ValueError(f"chunk_kda_gpu: diagonal must be 'levels' or 'loop', got {diagonal!r}")
