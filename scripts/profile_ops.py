@@ -65,46 +65,52 @@ def _stack_tables(text: str) -> dict[int, list[str]]:
     return stacks
 
 
+def parse_hlo(text: str) -> tuple[str, dict[str, tuple[str, str]]]:
+    """(module name, {op name: ('file:line (function)' of the innermost frame in this
+    repository, else the innermost frame, else the op_name; 'opcode kind shape' of the op)})
+    of one optimised-HLO text (an XLA dump, or `jit(f).lower(...).compile().as_text()`). An op
+    without metadata of its own (a fusion whose root XLA inserted, a cast) takes that of its
+    fused computation's root, or of the computation's last op that has one."""
+    header = re.search(r"^HloModule\s+([\w.\-]+)", text, re.MULTILINE)
+    module, stacks = (header.group(1) if header else ""), _stack_tables(text)
+    ops, computation_meta, computation = [], {}, None
+    for line in text.splitlines():
+        start = _COMPUTATION.match(line)
+        if start:
+            computation = start.group(1)
+            continue
+        m = _OP.match(line)
+        if not m:
+            continue
+        meta_text = _META.search(line)
+        meta = {k: v.strip('"') for k, v in _FIELD.findall(meta_text.group(1))} if meta_text else {}
+        calls = _CALLS.search(line)
+        kind = _KIND.search(line)
+        shape = re.sub(r"\{[^}]*\}", "", m.group(2))  # drop layouts
+        ops.append((m.group(1), meta, calls.group(1) if calls else None,
+                    f"{m.group(3)}{' ' + kind.group(1) if kind else ''} {shape}"))
+        if "stack_frame_id" in meta and (line.lstrip().startswith("ROOT") or
+                                         "root" not in computation_meta.get(computation, {})):
+            computation_meta[computation] = dict(meta, root=line.lstrip().startswith("ROOT"))
+    found = {}
+    for name, meta, calls, detail in ops:
+        if "stack_frame_id" not in meta and calls in computation_meta:
+            meta = computation_meta[calls]
+        chain = stacks.get(int(meta.get("stack_frame_id", -1)), [])
+        ours = [c for c in chain if c.startswith(("hybrid_jax/", "pallas_kernels/"))]
+        found[name] = ((ours or chain or [meta.get("op_name", "?")])[0], detail)
+    return module, found
+
+
 def hlo_sources(dump_dir: str) -> dict[tuple[str, str], tuple[str, str]]:
-    """(module name, op name) -> ('file:line (function)' of the innermost frame in this
-    repository, else the innermost frame, else the op_name; 'opcode kind shape' of the op),
-    read from XLA's after-optimisations text dumps. An op without metadata of its own (a fusion
-    whose root XLA inserted, a cast) takes that of its fused computation's root, or of the
-    computation's last op that has one. Larger modules win a name clash."""
+    """(module name, op name) -> `parse_hlo`'s (source, detail), over XLA's after-optimisations
+    text dumps in `dump_dir`. Larger modules win a name clash."""
     found: dict[tuple[str, str], tuple[str, str]] = {}
     files = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")), key=os.path.getsize)
     for path in files:
         with open(path) as f:
-            text = f.read()
-        header = re.search(r"^HloModule\s+([\w.\-]+)", text, re.MULTILINE)
-        if not header:
-            continue
-        module, stacks = header.group(1), _stack_tables(text)
-        ops, computation_meta, computation = [], {}, None
-        for line in text.splitlines():
-            start = _COMPUTATION.match(line)
-            if start:
-                computation = start.group(1)
-                continue
-            m = _OP.match(line)
-            if not m:
-                continue
-            meta_text = _META.search(line)
-            meta = {k: v.strip('"') for k, v in _FIELD.findall(meta_text.group(1))} if meta_text else {}
-            calls = _CALLS.search(line)
-            kind = _KIND.search(line)
-            shape = re.sub(r"\{[^}]*\}", "", m.group(2))  # drop layouts
-            ops.append((m.group(1), meta, calls.group(1) if calls else None,
-                        f"{m.group(3)}{' ' + kind.group(1) if kind else ''} {shape}"))
-            if "stack_frame_id" in meta and (line.lstrip().startswith("ROOT") or
-                                             "root" not in computation_meta.get(computation, {})):
-                computation_meta[computation] = dict(meta, root=line.lstrip().startswith("ROOT"))
-        for name, meta, calls, detail in ops:
-            if "stack_frame_id" not in meta and calls in computation_meta:
-                meta = computation_meta[calls]
-            chain = stacks.get(int(meta.get("stack_frame_id", -1)), [])
-            ours = [c for c in chain if c.startswith(("hybrid_jax/", "pallas_kernels/"))]
-            found[(module, name)] = ((ours or chain or [meta.get("op_name", "?")])[0], detail)
+            module, ops = parse_hlo(f.read())
+        found.update({(module, op): v for op, v in ops.items()})
     return found
 
 
