@@ -23,7 +23,8 @@ tensor-core products rather than many 16x16 ones:
   * M by block doubling: (I+D)^-1 = (I+N)(I+N^2)(I+N^4)(I+N^8) for the diagonal blocks D
     (N = -D), then (I+L)^-1 = (I - F)(I + F^2)(I+D)^-1 with F = (I+D)^-1 (L - D), F^4 = 0.
 
-Kernels (fp32 accumulation; matmul operands per `matmul` mode):
+Kernels (fp32 accumulation; matmul operands per `matmul` mode; G itself comes from the
+gate/cumsum kernel of gate_cumsum.py):
   forward   diag_pairs (B,H,16-row blocks)  the diagonal 16-blocks of A and P, compactly
             intra_fwd  (B,H,chunks)  W, U, P, kd = k exp(G_C - G), M, A
             state_fwd  (B,H,V tiles) sequential: h (state entering each chunk), v_new, S_T
@@ -33,7 +34,8 @@ Kernels (fp32 accumulation; matmul operands per `matmul` mode):
             bwd_pairs  (B,H,chunks)  dv, dbeta, dA, dP (reductions over K and V)
             bwd_channels (B,H,chunks x 16-row blocks x K tiles)  dq, dk, dG
 Residuals kept by the forward pass: the inputs, h, v_new and the per-chunk P, M, A
-(3C floats per token and head; recomputing them cost more than the forward's intra kernel).
+(3C floats per token and head; recomputing them cost more than the forward's intra kernel);
+a forward pass that is not differentiated writes no M and A.
 Segment resets enter as masks on A, P, Gam and the state update (run ids / flags), never as
 -inf in G.
 """
