@@ -18,8 +18,9 @@ each of the 24-bit significand), which keeps the tensor cores and stays exact. T
 masks come precomputed as one int32 per token (`_mask_bits`: bit j-1 = [t-j >= 0 and
 seg_{t-j} == seg_t], bit 3+j-1 = [t+j < T and seg_{t+j} == seg_t]) rather than shifting segment
 ids in the kernel: ids need not fit a float exactly, and the bits cost 4 B per token against
-H*D elements per token of z. T need not be a multiple of block_t: the last block's rows >= T
-are zeroed in the kernel before any product (out-of-bounds rows are never stored).
+H*D elements per token of z. T need not be a multiple of block_t (nor of 16): rows are read
+with masked loads (rows outside [0, T) read as 0, before any product) and written with masked
+stores, since Pallas Triton does not bound a partial block's accesses; no padding copy.
 
 Backward (jax.custom_vjp): nothing is saved but the inputs and the mask bits. A program
 recomputes pre and y of its rows and of the 16 rows after them (the next block's halo: z and
@@ -151,11 +152,25 @@ def _rows(start, n):
     return start + lax.broadcasted_iota(jnp.int32, (n, 1), 0)
 
 
+def _valid(start, n, cfg):
+    """[n, 1] bool: the rows' token index lies in [0, T)."""
+    t = _rows(start, n)
+    return (t >= 0) & (t < cfg.T)
+
+
 def _load_rows(ref, start, cfg):
-    """The ref's rows with token index outside [0, T) zeroed (halo before t = 0, the last
-    block's tail): they must not reach a product, where 0 * NaN would spread."""
-    t = _rows(start, ref.shape[0])
-    return jnp.where((t >= 0) & (t < cfg.T), ref[...], 0)
+    """The ref's [n, D] rows, those with token index outside [0, T) read as 0 (the halo before
+    t = 0, the last block's tail): Pallas Triton neither bounds nor masks a block's accesses
+    (a partial block would read past the array), and a zero row keeps 0 * NaN out of products."""
+    return plgpu.load(ref, mask=jnp.broadcast_to(_valid(start, ref.shape[0], cfg), ref.shape), other=0)
+
+
+def _load_bits(ref, start, cfg):
+    return plgpu.load(ref, mask=_valid(start, ref.shape[0], cfg)[:, 0], other=0)
+
+
+def _store_rows(ref, val, start, cfg):
+    plgpu.store(ref, val.astype(ref.dtype), mask=jnp.broadcast_to(_valid(start, ref.shape[0], cfg), ref.shape))
 
 
 def _shift_down(x, prev, j):
@@ -178,8 +193,8 @@ def _fwd_kernel(z_ref, zp_ref, bits_ref, w_ref, *refs, cfg):
     prev = _load_rows(zp_ref, i * cfg.bt - HALO, cfg)
     shifted = [_shift_down(x, prev, j) for j in range(1, cfg.ks)]
     b = b_ref[...][None, :] if cfg.bias else None
-    pre = _conv(x, shifted, bits_ref[...], w_ref[...], b, cfg)
-    out_ref[...] = _norm_out(_act(pre, cfg), cfg).astype(out_ref.dtype)
+    pre = _conv(x, shifted, _load_bits(bits_ref, i * cfg.bt, cfg), w_ref[...], b, cfg)
+    _store_rows(out_ref, _norm_out(_act(pre, cfg), cfg), i * cfg.bt, cfg)
 
 
 def _bwd_kernel(z_ref, zp_ref, zn_ref, bits_ref, bitsn_ref, w_ref, *refs, cfg):
@@ -192,15 +207,14 @@ def _bwd_kernel(z_ref, zp_ref, zn_ref, bits_ref, bitsn_ref, w_ref, *refs, cfg):
     i = pl.program_id(1)
     start, nstart = i * bt, (i + 1) * bt
     w = w_ref[...]
-    bits, bitsn = bits_ref[...], bitsn_ref[...]
+    bits, bitsn = _load_bits(bits_ref, start, cfg), _load_bits(bitsn_ref, nstart, cfg)
     x = _load_rows(z_ref, start, cfg)
     prev = _load_rows(zp_ref, start - HALO, cfg)
     nxt = _load_rows(zn_ref, nstart, cfg)
-    # this block's rows: pre, then dpre (rows >= T: dout is not data, zeroed)
+    # this block's rows: pre, then dpre (0 at rows >= T, where dout reads as 0)
     shifted = [_shift_down(x, prev, j) for j in range(1, ks)]
     pre = _conv(x, shifted, bits, w, b, cfg)
     dpre = _dpre(pre, _load_rows(dout_ref, start, cfg), cfg)
-    dpre = jnp.where(_rows(start, bt) < cfg.T, dpre, 0.0)
     # d pre of the next HALO rows, which dz of the last ks-1 rows reads
     dz = dpre * _tap(w, 0)
     if ks > 1:
@@ -208,11 +222,10 @@ def _bwd_kernel(z_ref, zp_ref, zn_ref, bits_ref, bitsn_ref, w_ref, *refs, cfg):
                      for j in range(1, ks)]
         pre_n = _conv(nxt, shifted_n, bitsn, w, b, cfg)
         dpre_n = _dpre(pre_n, _load_rows(doutn_ref, nstart, cfg), cfg)
-        dpre_n = jnp.where(_rows(nstart, HALO) < cfg.T, dpre_n, 0.0)
         for j in range(1, ks):
             up = _shift_up(dpre, dpre_n, j)
             dz = dz + jnp.where(_bit(bits, 3 + j - 1), up, 0.0) * _tap(w, j)
-    dz_ref[...] = dz.astype(dz_ref.dtype)
+    _store_rows(dz_ref, dz, start, cfg)
     # partial sums over this block's rows: d w[j] = sum_t masked z_{t-j} dpre_t, d bias
     taps = lax.broadcasted_iota(jnp.int32, (cfg.ksp, x.shape[1]), 0)
     dw = jnp.where(taps == 0, jnp.sum(x.astype(jnp.float32) * dpre, axis=0, keepdims=True), 0.0)
