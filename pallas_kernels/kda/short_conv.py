@@ -31,12 +31,14 @@ dy through BlockSpecs with index min((i+1)*block_t/16, last)), then
 and writes per-block partial sums sum_t z_{t-j} dpre_t mask (d w) and sum_t dpre_t (d bias),
 [B, nblocks, H, ks', D] fp32 (ks' = ks rounded up to a power of two), which XLA sums.
 
-Traffic per element, bf16 z and output: forward read z 2 B + write 2 B (+ 16/block_t of
-halo, 2 B per row for the bits); backward read z and dout 2 + 2 B, write dz 2 B (+ 32/block_t
-halos, 4 ks' B per block_t rows of partials). At B=1, T=131072, H=16, D=128 the forward moves
-1.07 GB: 0.22 ms at 4.8 TB/s (H200). The selection products cost 2 ks (block_t + 16) flops per
-element in the forward (bf16), about 4x that in the backward (two bf16 recomputes, three bf16
-pieces of the fp32 dpre moved up): block_t trades them against the halo re-reads.
+Traffic per element, bf16 z and output: forward read z 2 B + write 2 B, plus 16/block_t halo
+re-reads and 4/D B of mask bits (one int32 per token and head program); backward read z and
+dout 2 + 2 B, write dz 2 B, plus 32/block_t halo re-reads and 4 ks'/block_t B of partial sums.
+At B=1, T=131072, H=16, D=128 the forward moves 1.07 GB: 0.22 ms at 4.8 TB/s (H200), not
+measured here. The selection products cost 2 (ks-1)(block_t + 16) flops per element in the
+forward (bf16 operands; 480 at ks=4, block_t=64), about 4x that in the backward (the bf16
+recomputes, three bf16 pieces of the fp32 dpre moved up): block_t trades them against the
+halo re-reads (a device sweep of 16/32/64 is still to do).
 """
 
 from __future__ import annotations
