@@ -17,12 +17,16 @@ num_heads // num_kv_heads query heads, GQA) and, by default, `output_norm=False`
 Parameter names and layouts mirror transformers' `KimiDeltaAttention` (q/k/v/o projections,
 f_a/f_b -> f_down/f_up, g_a/g_b -> g_down/g_up, A_log, dt_bias, b_proj, o_norm), stored
 head-split like the teacher's Attention: `[D, H, hd]` in, `[H, hd, D]` out.
+`fused_conv=True`: in forwards without a cache on the Pallas backends, one kernel
+(`pallas_kernels.kda.short_conv.short_conv_norm`) computes each of q/k/v's convolution, activation
+and (q, k) per-head L2 norm and scale, and the op then skips its own normalisation.
 Cache: recurrent state [B,H,hd,hd] float32, the three conv states (last kernel-1 inputs and
 their segment ids; k/v with num_kv_heads heads), the last segment id per row and the token index.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -32,7 +36,8 @@ from flax import nnx
 from hybrid_jax.layers.norms import RMSNorm
 from hybrid_jax.layers.params import param
 from hybrid_jax.layers.short_conv import ACTIVATIONS, ShortConv
-from pallas_kernels.kda import chunk_kda, fused_recurrent_kda, kda_gate
+from pallas_kernels.kda import chunk_kda, fused_recurrent_kda, kda_gate, resolve_backend
+from pallas_kernels.kda.short_conv import short_conv_norm
 
 
 def inverse_softplus(y: jax.Array) -> jax.Array:
@@ -52,7 +57,7 @@ class KDA(nnx.Module):
                  dt_init_range=(1e-3, 1e-1), output_gate_init: str = "half", chunk_size: int = 64,
                  norm_eps: float = 1e-6, num_kv_heads: int | None = None, conv_activation: str = "silu",
                  conv_bias: bool = False, output_gate_bias: bool = False, output_norm: bool = True,
-                 backend: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
+                 backend: str = "auto", fused_conv: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
                  rngs: nnx.Rngs):
         if gate not in ("channel", "scalar"):
             raise ValueError(f"KDA: gate={gate!r}; use 'channel' (KDA) or 'scalar' (GDN)")
@@ -79,6 +84,7 @@ class KDA(nnx.Module):
         self.conv_activation = conv_activation
         self.chunk_size = chunk_size
         self.backend = backend
+        self.fused_conv = fused_conv
         self.dtype = dtype
         kv_axis = "heads" if KH == H else "kv_heads"
         self.q_proj = param(rngs, init, (D, H, hd), ("embed", "heads", "head_dim"), param_dtype)
@@ -141,14 +147,37 @@ class KDA(nnx.Module):
             y = y + self._w(bias)
         return ACTIVATIONS[self.conv_activation](y), state, ids
 
+    def _fused_short_conv(self, name, x, segment_ids, *, normalize, scale, interpret):
+        """act(conv(x W) + bias), L2-normalised and scaled per head when `normalize`, by one Pallas
+        kernel (`short_conv_norm`); no conv state (a forward without a cache)."""
+        z = jnp.einsum("btd,dhk->bthk", x, self._w(getattr(self, f"{name}_proj")))
+        bias = getattr(self, f"{name}_conv_bias")
+        return short_conv_norm(z, getattr(self, f"{name}_conv").weight[...], segment_ids,
+                               bias=None if bias is None else self._w(bias), activation=self.conv_activation,
+                               normalize=normalize, scale=scale, interpret=interpret)
+
+    def _uses_fused_conv(self, cache):
+        hd = self.head_dim
+        return (self.fused_conv and cache is None and resolve_backend(self.backend) in ("pallas_gpu", "interpret")
+                and 16 <= hd <= 256 and hd & (hd - 1) == 0)
+
     def __call__(self, x, *, positions, segment_ids, cache=None):
         del positions  # KDA has no positional encoding
         x = x.astype(self.dtype)
         b, t, _ = x.shape
         c = cache or {}
-        q, q_state, q_ids = self._short_conv("q", x, segment_ids, c)
-        k, k_state, _ = self._short_conv("k", x, segment_ids, c)
-        v, v_state, _ = self._short_conv("v", x, segment_ids, c)
+        if self._uses_fused_conv(cache):
+            # q and k leave the kernel normalised (q also scaled), so the op skips both.
+            interpret = resolve_backend(self.backend) == "interpret"
+            conv = functools.partial(self._fused_short_conv, x=x, segment_ids=segment_ids, interpret=interpret)
+            q = conv("q", normalize=True, scale=self.head_dim ** -0.5)
+            k, v = conv("k", normalize=True, scale=1.0), conv("v", normalize=False, scale=1.0)
+            qk_kw = dict(use_qk_l2norm_in_kernel=False, scale=1.0)
+        else:
+            q, q_state, q_ids = self._short_conv("q", x, segment_ids, c)
+            k, k_state, _ = self._short_conv("k", x, segment_ids, c)
+            v, v_state, _ = self._short_conv("v", x, segment_ids, c)
+            qk_kw = dict(use_qk_l2norm_in_kernel=True)
         if self.num_kv_heads != self.num_heads:  # GQA: query head h reads key/value head h // groups
             groups = self.num_heads // self.num_kv_heads
             k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
@@ -165,8 +194,8 @@ class KDA(nnx.Module):
             state = jnp.where(same[:, None, None, None], cache["state"], 0.0)
         op = fused_recurrent_kda if (cache is not None and t == 1) else chunk_kda
         o, final = op(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
-                      use_qk_l2norm_in_kernel=True, segment_ids=segment_ids, chunk_size=self.chunk_size,
-                      backend=self.backend, **gate_kw)
+                      segment_ids=segment_ids, chunk_size=self.chunk_size, backend=self.backend,
+                      **qk_kw, **gate_kw)
         gate = jnp.einsum("btr,rhk->bthk", x @ self._w(self.g_down), self._w(self.g_up))
         if self.g_bias is not None:
             gate = gate + self._w(self.g_bias)

@@ -48,3 +48,35 @@ def test_gate_in_kernel_matches_gating_first_on_gpu():
     (_, o0), d0 = run(raw, False)
     assert kda_accuracy.rms_rel(o1, o0) <= 1e-3
     assert kda_accuracy.rms_rel(d1, d0) <= 1e-3
+
+
+def test_short_conv_kernel_matches_jnp_on_gpu():
+    # pallas_kernels.kda.short_conv compiled by Triton (bf16 input, T not a multiple of the block,
+    # packed segments) against the jnp convolution + silu + L2 norm in fp32: output and the
+    # gradients of z and the weight.
+    import jax
+    import jax.numpy as jnp
+
+    from hybrid_jax.layers.short_conv import causal_short_conv
+    from pallas_kernels.kda.reference import l2norm
+    from pallas_kernels.kda.short_conv import short_conv_norm
+
+    B, T, H, D = 2, 1000, 4, 128
+    keys = jax.random.split(jax.random.PRNGKey(9), 3)
+    z = jax.random.normal(keys[0], (B, T, H, D)).astype(jnp.bfloat16)
+    w = jax.random.normal(keys[1], (4, H, D)) * 0.5
+    seg = jnp.cumsum(jax.random.uniform(keys[2], (B, T)) < 0.01, axis=1).astype(jnp.int32)
+    cot = jnp.cos(jnp.arange(B * T * H * D, dtype=jnp.float32).reshape(B, T, H, D))
+
+    def ours(z, w):
+        return jnp.sum(short_conv_norm(z, w, seg, normalize=True, scale=0.5, out_dtype=jnp.float32) * cot)
+
+    def ref(z, w):
+        y = jax.nn.silu(causal_short_conv(z.astype(jnp.float32), w, seg)[0])
+        return jnp.sum(l2norm(y) * 0.5 * cot)
+
+    v1, (dz1, dw1) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(z, w)
+    v0, (dz0, dw0) = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(z, w)
+    assert abs(float(v1) - float(v0)) <= 1e-3 * abs(float(v0)) + 1e-3
+    assert kda_accuracy.rms_rel(dz1.astype(jnp.float32), dz0) <= 1e-2
+    assert kda_accuracy.rms_rel(dw1, dw0) <= 1e-3

@@ -117,3 +117,35 @@ def test_bad_arguments():
         KDA(D, H, HD, gate="vector", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="A_init_range"):
         KDA(D, H, HD, A_init_range=(0.0, 1.0), rngs=nnx.Rngs(0))
+
+
+def test_fused_conv_kernel_matches_the_jnp_convolutions():
+    # fused_conv=True (one Pallas kernel for conv + silu + q/k L2 norm, interpret mode here)
+    # computes the layer's output and parameter gradients as the jnp convolutions do, with
+    # packed segments and GQA k/v heads (repeated after the kernel); the oracle layer is
+    # transformers-checked above.
+    def build(fused):
+        layer = KDA(D, H, HD, output_gate_init="random", conv_init="random", conv_bias=True, chunk_size=32,
+                    num_kv_heads=1, backend="interpret", fused_conv=fused, init_std=0.2,
+                    rngs=nnx.Rngs(3))
+        randomize(layer, 3, scale=0.1, skip=("A_log", "dt_bias"))
+        return layer
+
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 37, D), jnp.float32)
+    seg = jnp.concatenate([jnp.ones((2, 20), jnp.int32), jnp.full((2, 17), 2, jnp.int32)], axis=1)
+
+    def loss_and_grads(layer):
+        graphdef, params = nnx.split(layer)
+
+        def loss(p):
+            y, _ = nnx.merge(graphdef, p)(x, positions=None, segment_ids=seg)
+            return jnp.sum(y * jnp.cos(y)), y
+
+        (_, y), g = jax.value_and_grad(loss, has_aux=True)(params)
+        return y, g
+
+    y1, g1 = loss_and_grads(build(True))
+    y0, g0 = loss_and_grads(build(False))
+    assert rms_rel(y1, y0) < 1e-5
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        assert rms_rel(a, b) < 1e-4
