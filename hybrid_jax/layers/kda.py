@@ -57,8 +57,8 @@ class KDA(nnx.Module):
                  dt_init_range=(1e-3, 1e-1), output_gate_init: str = "half", chunk_size: int = 64,
                  norm_eps: float = 1e-6, num_kv_heads: int | None = None, conv_activation: str = "silu",
                  conv_bias: bool = False, output_gate_bias: bool = False, output_norm: bool = True,
-                 backend: str = "auto", fused_conv: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
-                 rngs: nnx.Rngs):
+                 backend: str = "auto", fused_conv: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 init_std: float = 0.02, rngs: nnx.Rngs):
         if gate not in ("channel", "scalar"):
             raise ValueError(f"KDA: gate={gate!r}; use 'channel' (KDA) or 'scalar' (GDN)")
         if output_gate_init not in ("half", "random"):
