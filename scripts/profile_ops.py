@@ -145,6 +145,7 @@ def attribute(events: list[dict], sources: dict, calls: int, modules_re: str = "
     HLO modules matching `modules_re`, per-file and per-module summaries, and the time outside."""
     rows: dict[str, dict] = {}
     op_us: dict[tuple[str, str, str], float] = collections.Counter()
+    modules: dict[str, float] = collections.Counter()
     outside = 0.0
     for e in events:
         args = e.get("args") or {}
@@ -152,6 +153,7 @@ def attribute(events: list[dict], sources: dict, calls: int, modules_re: str = "
         if modules_re and not re.search(modules_re, module):
             outside += float(e["dur"])
             continue
+        modules[module or "(none)"] += float(e["dur"]) / 1e3 / calls
         src, detail = sources.get((module, op), (None, ""))
         if name.startswith(("kda_", "swa_", "ttt_")):
             kind, label = "pallas", name.split(".")[0]
@@ -172,11 +174,6 @@ def attribute(events: list[dict], sources: dict, calls: int, modules_re: str = "
     for r in table:
         r["ms"] = r.pop("us") / 1e3 / calls
         r["launches"] = r["launches"] / calls
-    modules = collections.Counter()
-    for e in events:
-        if modules_re and not re.search(modules_re, (e.get("args") or {}).get("hlo_module", "")):
-            continue
-        modules[(e.get("args") or {}).get("hlo_module", "(none)")] += float(e["dur"]) / 1e3 / calls
     files = collections.defaultdict(float)
     for r in table:
         key = r["label"] if r["kind"] == "pallas" else r["label"].split(" @ ")[-1].rsplit(":", 1)[0]

@@ -138,27 +138,31 @@ class KDA(nnx.Module):
         g = kda_gate(raw, self.A_log[...], self.dt_bias[...])
         return jnp.broadcast_to(g, (*g.shape[:-1], self.head_dim))
 
+    def _projection_and_bias(self, name, x):
+        """x W for name in q/k/v, and the convolution's bias (or None) in the compute dtype."""
+        bias = getattr(self, f"{name}_conv_bias")
+        return (jnp.einsum("btd,dhk->bthk", x, self._w(getattr(self, f"{name}_proj"))),
+                None if bias is None else self._w(bias))
+
     def _short_conv(self, name, x, segment_ids, c):
         """act(conv(x W) + bias) for name in q/k/v, with the conv's new state and state segment ids."""
-        z = jnp.einsum("btd,dhk->bthk", x, self._w(getattr(self, f"{name}_proj")))
+        z, bias = self._projection_and_bias(name, x)
         y, state, ids = getattr(self, f"{name}_conv")(z, segment_ids, c.get(f"{name}_conv"), c.get("conv_segment_ids"))
-        bias = getattr(self, f"{name}_conv_bias")
         if bias is not None:
-            y = y + self._w(bias)
+            y = y + bias
         return ACTIVATIONS[self.conv_activation](y), state, ids
 
     def _fused_short_conv(self, name, x, segment_ids, *, normalize, scale, interpret):
         """act(conv(x W) + bias), L2-normalised and scaled per head when `normalize`, by one Pallas
         kernel (`short_conv_norm`); no conv state (a forward without a cache)."""
-        z = jnp.einsum("btd,dhk->bthk", x, self._w(getattr(self, f"{name}_proj")))
-        bias = getattr(self, f"{name}_conv_bias")
-        return short_conv_norm(z, getattr(self, f"{name}_conv").weight[...], segment_ids,
-                               bias=None if bias is None else self._w(bias), activation=self.conv_activation,
-                               normalize=normalize, scale=scale, interpret=interpret)
+        z, bias = self._projection_and_bias(name, x)
+        return short_conv_norm(z, getattr(self, f"{name}_conv").weight[...], segment_ids, bias=bias,
+                               activation=self.conv_activation, normalize=normalize, scale=scale,
+                               interpret=interpret)
 
-    def _uses_fused_conv(self, cache):
+    def _uses_fused_conv(self, cache, backend):
         hd = self.head_dim
-        return (self.fused_conv and cache is None and resolve_backend(self.backend) in ("pallas_gpu", "interpret")
+        return (self.fused_conv and cache is None and backend in ("pallas_gpu", "interpret")
                 and 16 <= hd <= 256 and hd & (hd - 1) == 0)
 
     def __call__(self, x, *, positions, segment_ids, cache=None):
@@ -166,10 +170,11 @@ class KDA(nnx.Module):
         x = x.astype(self.dtype)
         b, t, _ = x.shape
         c = cache or {}
-        if self._uses_fused_conv(cache):
+        backend = resolve_backend(self.backend)
+        if self._uses_fused_conv(cache, backend):
             # q and k leave the kernel normalised (q also scaled), so the op skips both.
-            interpret = resolve_backend(self.backend) == "interpret"
-            conv = functools.partial(self._fused_short_conv, x=x, segment_ids=segment_ids, interpret=interpret)
+            conv = functools.partial(self._fused_short_conv, x=x, segment_ids=segment_ids,
+                                     interpret=backend == "interpret")
             q = conv("q", normalize=True, scale=self.head_dim ** -0.5)
             k, v = conv("k", normalize=True, scale=1.0), conv("v", normalize=False, scale=1.0)
             qk_kw = dict(use_qk_l2norm_in_kernel=False, scale=1.0)

@@ -46,8 +46,8 @@ def _tpu_kernel():
 
 
 def _check_gate_args(op, use_gate_in_kernel, A_log, dt_bias, lower_bound):
-    """A_log is needed with use_gate_in_kernel and meaningless without it (kda_gate checks the
-    sizes of A_log and dt_bias and the sign of lower_bound by name)."""
+    """A_log is needed with use_gate_in_kernel and meaningless without it (`check_gate_params`,
+    run by kda_gate or the fused gate kernel, checks their sizes and lower_bound's sign)."""
     if use_gate_in_kernel and A_log is None:
         raise ValueError(f"{op}: use_gate_in_kernel=True needs A_log (one value per head).")
     if not use_gate_in_kernel:

@@ -492,17 +492,12 @@ class _Cfg(tuple):
         return self[self.fields.index(name)]
 
 
-def _state_operand_dtype(cfg):
-    """Storage of W, kd and q*Gam, which only the state kernels read, and only as matmul
-    operands: bf16 when those products take bf16 operands (the same rounding, half the bytes)."""
-    return jnp.bfloat16 if cfg.mm_state == "bf16" else jnp.float32
-
-
-def _chunk_operand_dtype(cfg):
-    """Storage of the per-chunk states h and dh and of v_new and d v_new, which the per-chunk
-    kernels read as operands of their products (and h, dh once more in the elementwise sum of
-    d/dG_C): bf16 when those products take bf16 operands, as fla stores them."""
-    return jnp.bfloat16 if cfg.mm == "bf16" else jnp.float32
+def _operand_dtype(mode):
+    """Storage of an array whose readers use it only as an operand of products in matmul
+    `mode`: bf16 when those take bf16 operands (the same rounding, half the bytes). W, kd and
+    q*Gam follow the state kernels' mode (cfg.mm_state); h, dh, v_new and d v_new the per-chunk
+    kernels' (cfg.mm; h and dh also enter the elementwise sum of d/dG_C), as fla stores them."""
+    return jnp.bfloat16 if mode == "bf16" else jnp.float32
 
 
 def _params(cfg, warps, stages=None):
@@ -554,10 +549,10 @@ def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals=True):
         in_specs=[ck, ck, cv, ck, cb, cm, cm, cm,
                   pl.BlockSpec((None, C, None, 2 * BC), lambda b, h, n: (b, n, h, 0))],
         out_specs=[ck, cv, cp, ck] + [cp, cp] * residuals,
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _state_operand_dtype(cfg)),
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm_state)),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, C), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H, K), _state_operand_dtype(cfg))]
+                   jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm_state))]
         + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2 * residuals,
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
     )(q, k, v, G, beta, run, fs, ls, d)
@@ -586,8 +581,8 @@ def _state_fwd(G, fs, w, u, kd, s0, cfg):
         kern, grid=(B, H, V // bv),
         in_specs=[sp["k"], sp["m"], sp["k"], sp["v"], sp["k"], sp["s"]],
         out_specs=[sp["h"], sp["v"], sp["s"]],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), _chunk_operand_dtype(cfg)),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), _chunk_operand_dtype(cfg)),
+        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), _operand_dtype(cfg.mm)),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), _operand_dtype(cfg.mm)),
                    jax.ShapeDtypeStruct((B, H, K, V), f32)],
         name="kda_state_fwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
     )(G, fs, w, u, kd, s0)
@@ -619,7 +614,7 @@ def _intra_prep_bwd(q, k, G, beta, fs, ls, M, P, do, cfg):
     return pl.pallas_call(
         kern, grid=(B, H, Tp // C),
         in_specs=[ck, ck, ck, cb, cm, cm, cp, cp, cv], out_specs=[ck, ck, ck, cv],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _state_operand_dtype(cfg))] * 3
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm_state))] * 3
         + [jax.ShapeDtypeStruct((B, Tp, H, V), f32)],
         name="kda_intra_prep_bwd", **_params(cfg, cfg.warps_intra),
     )(q, k, G, beta, fs, ls, M, P, do)
@@ -637,8 +632,8 @@ def _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg):
         kern, grid=(B, H, V // bv),
         in_specs=[sp["k"], sp["m"], sp["k"], sp["k"], sp["k"], sp["v"], sp["v"], sp["s"]],
         out_specs=[sp["h"], sp["v"], sp["s"]],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), _chunk_operand_dtype(cfg)),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), _chunk_operand_dtype(cfg)),
+        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), _operand_dtype(cfg.mm)),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), _operand_dtype(cfg.mm)),
                    jax.ShapeDtypeStruct((B, H, K, V), f32)],
         name="kda_state_bwd", **_params(cfg, cfg.warps_state, cfg.stages_state_bwd),
     )(G, fs, w, kd, qg, do, dvl, dsT)

@@ -40,6 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.kda.gate import check_gate_params
+
 __all__ = ["chunk_local_cumsum", "chunk_local_gate_cumsum"]
 
 
@@ -263,15 +265,7 @@ def chunk_local_gate_cumsum(g_raw, A_log, dt_bias, *, chunk_size, length, lower_
     and dt_bias (custom_vjp; cotangents in the inputs' dtypes)."""
     fn = "chunk_local_gate_cumsum"
     B, Tp, H, K = _check(fn, "g_raw", g_raw, chunk_size)
-    if A_log.size != H:
-        raise ValueError(f"{fn}: A_log must have H={H} elements (one per head); "
-                         f"got shape {A_log.shape}.")
-    if dt_bias is not None and dt_bias.size != H * K:
-        raise ValueError(f"{fn}: dt_bias must have H*K={H * K} elements ([H*K] or [H, K]); "
-                         f"got shape {dt_bias.shape}.")
-    if lower_bound is not None and not lower_bound < 0:
-        raise ValueError(f"{fn}: lower_bound must be negative (a log-decay floor) or None; "
-                         f"got {lower_bound}.")
+    check_gate_params(fn, H, K, A_log, dt_bias, lower_bound)
     length = operator.index(length)
     if not 0 <= length <= Tp:
         raise ValueError(f"{fn}: length must be in [0, Tp={Tp}] (the unpadded sequence "
