@@ -156,6 +156,7 @@ def run_fla(shape, iters):
 
 # --breakdown keys: _Cfg field and the chunk_kda_gpu argument whose default it takes
 SHORT = {"bv": ("bv", "block_v"), "bk": ("bk", "block_k"), "bki": ("bk_intra", "block_k_intra"),
+         "bkc": ("bk_channels", "block_k_channels"),
          "wi": ("warps_intra", "num_warps_intra"),
          "ws": ("warps_state", "num_warps_state"), "wb": ("warps_blocks", "num_warps_blocks"),
          "wd": ("warps_diag", "num_warps_diag"), "st": ("stages", "num_stages"),

@@ -481,7 +481,7 @@ class _Cfg(tuple):
     """Static configuration (hashable): chunk, segments, interpret, tiles, warps."""
 
     __slots__ = ()
-    fields = ("C", "seg", "interpret", "bv", "bk", "bk_intra", "warps_intra", "warps_state",
+    fields = ("C", "seg", "interpret", "bv", "bk", "bk_intra", "bk_channels", "warps_intra", "warps_state",
               "warps_blocks", "warps_diag", "stages", "mm", "diag",
               "bv_state", "stages_state", "stages_state_bwd", "mm_state")
 
@@ -661,7 +661,7 @@ def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh, cfg):
     shares of d/dG_C, [B, Tp/16, H, K]."""
     B, Tp, H, K = q.shape
     V = do.shape[-1]
-    C, bk = cfg.C, cfg.bk
+    C, bk = cfg.C, cfg.bk_channels
     NK, NB = K // bk, C // BC
 
     def chunk(width, tiled=False):
@@ -763,7 +763,7 @@ def _pow2_at_least_16(n):
 def chunk_kda_gpu(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
-    block_v=64, block_k=32, block_k_intra=64, num_warps_intra=4, num_warps_state=4,
+    block_v=64, block_k=32, block_k_intra=64, block_k_channels=64, num_warps_intra=4, num_warps_state=4,
     num_warps_blocks=4, num_warps_diag=1, num_stages=1, block_v_state=None, num_stages_state=None,
     num_stages_state_bwd=None, matmul=None, matmul_state=None, diagonal="levels", gate=None,
 ):
@@ -783,8 +783,10 @@ def chunk_kda_gpu(
       "levels" (the in-block split of `_level_pairs`: tensor-core products whose factors are
       <= 1 at any decay; the default, 1.1 ms against 1.9 ms at B=8, T=4096, H=16 on an H200)
       or "loop" (one key row per step, pairwise exps). The backward always uses the levels.
-    block_k / block_k_intra: K tile of the per-chunk kernels, and of the forward's intra kernel
-      (64: 4.45 -> 3.77 ms at 1x131072x16 on an H200, where the diag kernel prefers 32).
+    block_k / block_k_intra / block_k_channels: K tile of the per-chunk kernels, of the
+      forward's intra kernel (64: 4.45 -> 3.77 ms at 1x131072x16 on an H200, where the diag
+      kernel prefers 32) and of the backward's channel kernel (64: 5.20 -> 4.02 ms at
+      8x4096x16 on an H200).
     block_v_state / num_stages_state / num_stages_state_bwd: V tile and pipeline stages of the
       two sequential state kernels (forward, backward), whose grid is only (B, H, V / tile);
       None picks the widest tile that still gives every multiprocessor a program
@@ -832,7 +834,7 @@ def chunk_kda_gpu(
     else:
         run = fs = ls = jnp.zeros((B, Tp), jnp.float32)
     cfg = _Cfg(C=C, seg=seg, interpret=interpret, bv=min(block_v, Vp), bk=min(block_k, Kp),
-               bk_intra=min(block_k_intra, Kp),
+               bk_intra=min(block_k_intra, Kp), bk_channels=min(block_k_channels, Kp),
                warps_intra=num_warps_intra, warps_state=num_warps_state,
                warps_blocks=num_warps_blocks, warps_diag=num_warps_diag, stages=num_stages,
                mm=matmul or ("ieee" if dt == jnp.float32 else "bf16"), diag=diagonal,

@@ -17,11 +17,12 @@ CASES = [  # B, T, H, K, V, chunk, g_min, initial state, segments, beta, kernel 
     # two V tiles: the backward's per-V-tile partial sums
     (2, 63, 1, 16, 32, 32, -20.0, True, True, "extremes", dict(block_v=16, diagonal="loop")),
     # two K tiles: the loops over channel tiles
-    (1, 130, 3, 32, 16, 64, -3.0, False, False, "random", dict(block_k=16, diagonal="loop")),
+    (1, 130, 3, 32, 16, 64, -3.0, False, False, "random",
+     dict(block_k=16, block_k_channels=16, diagonal="loop")),
     (1, 1, 1, 16, 16, 32, -20.0, True, False, "extremes", dict(diagonal="loop")),
     # the default, the in-block levels, at the strongest decay
     (2, 63, 1, 16, 32, 32, -20.0, True, True, "extremes", dict(block_v=16)),
-    (1, 130, 3, 32, 16, 64, -20.0, False, False, "random", dict(block_k=16)),
+    (1, 130, 3, 32, 16, 64, -20.0, False, False, "random", dict(block_k=16, block_k_channels=16)),
 ]
 
 
