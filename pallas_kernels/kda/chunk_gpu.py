@@ -764,7 +764,7 @@ def chunk_kda_gpu(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, segment_ids=None, chunk_size=64, interpret=False,
     block_v=64, block_k=32, block_k_intra=64, block_k_channels=64, num_warps_intra=4, num_warps_state=4,
-    num_warps_blocks=4, num_warps_diag=1, num_stages=1, block_v_state=None, num_stages_state=None,
+    num_warps_blocks=4, num_warps_diag=1, num_stages=2, block_v_state=None, num_stages_state=None,
     num_stages_state_bwd=None, matmul=None, matmul_state=None, diagonal="levels", gate=None,
 ):
     """Chunked KDA with the Pallas Triton kernels (inputs validated by the caller).
@@ -787,6 +787,9 @@ def chunk_kda_gpu(
       forward's intra kernel (64: 4.45 -> 3.77 ms at 1x131072x16 on an H200, where the diag
       kernel prefers 32) and of the backward's channel kernel (64: 5.20 -> 4.02 ms at
       8x4096x16 on an H200).
+    num_stages: Triton pipeline stages of the per-chunk kernels (their K / V tile loops): 2
+      (against 1 on an H200: diag 3.45 -> 2.73 ms at 1x131072x16; all eight kernels 10.8 ->
+      10.0 ms at 8x4096x16, pairs_bwd and prep_bwd gaining most).
     block_v_state / num_stages_state / num_stages_state_bwd: V tile and pipeline stages of the
       two sequential state kernels (forward, backward), whose grid is only (B, H, V / tile);
       None picks the widest tile that still gives every multiprocessor a program
