@@ -17,9 +17,10 @@ num_heads // num_kv_heads query heads, GQA) and, by default, `output_norm=False`
 Parameter names and layouts mirror transformers' `KimiDeltaAttention` (q/k/v/o projections,
 f_a/f_b -> f_down/f_up, g_a/g_b -> g_down/g_up, A_log, dt_bias, b_proj, o_norm), stored
 head-split like the teacher's Attention: `[D, H, hd]` in, `[H, hd, D]` out.
-`fused_conv=True`: in forwards without a cache on the Pallas backends, one kernel
-(`pallas_kernels.kda.short_conv.short_conv_norm`) computes each of q/k/v's convolution, activation
-and (q, k) per-head L2 norm and scale, and the op then skips its own normalisation.
+`fused_conv=True`: on the Pallas backends, in forwards without a cache and in prefills (more than
+one token) into an empty cache (index 0), one kernel (`pallas_kernels.kda.short_conv.short_conv_norm`)
+computes each of q/k/v's convolution, activation and (q, k) per-head L2 norm and scale, and the op
+then skips its own normalisation; decoding and prefills continuing a cache take the jnp path.
 Cache: recurrent state [B,H,hd,hd] float32, the three conv states (last kernel-1 inputs and
 their segment ids; k/v with num_kv_heads heads), the last segment id per row and the token index.
 """
@@ -152,18 +153,25 @@ class KDA(nnx.Module):
             y = y + bias
         return ACTIVATIONS[self.conv_activation](y), state, ids
 
-    def _fused_short_conv(self, name, x, segment_ids, *, normalize, scale, interpret):
+    def _fused_short_conv(self, name, x, segment_ids, c, *, normalize, scale, interpret):
         """act(conv(x W) + bias), L2-normalised and scaled per head when `normalize`, by one Pallas
-        kernel (`short_conv_norm`); no conv state (a forward without a cache)."""
+        kernel (`short_conv_norm`), which reads no conv state (a forward without a cache, or a
+        prefill into an empty one); with a cache also the new conv state and its segment ids,
+        as causal_short_conv returns them: the last kernel-1 rows of [old state, x W]."""
         z, bias = self._projection_and_bias(name, x)
-        return short_conv_norm(z, getattr(self, f"{name}_conv").weight[...], segment_ids, bias=bias,
-                               activation=self.conv_activation, normalize=normalize, scale=scale,
-                               interpret=interpret)
+        y = short_conv_norm(z, getattr(self, f"{name}_conv").weight[...], segment_ids, bias=bias,
+                            activation=self.conv_activation, normalize=normalize, scale=scale,
+                            interpret=interpret)
+        if not c:
+            return y, None, None
+        t = z.shape[1]
+        state = jnp.concatenate([c[f"{name}_conv"].astype(z.dtype), z], axis=1)[:, t:]
+        ids = jnp.concatenate([c["conv_segment_ids"].astype(jnp.int32), segment_ids.astype(jnp.int32)], axis=1)
+        return y, state, ids[:, t:]
 
-    def _uses_fused_conv(self, cache, backend):
+    def _fusable(self, backend):
         hd = self.head_dim
-        return (self.fused_conv and cache is None and backend in ("pallas_gpu", "interpret")
-                and 16 <= hd <= 256 and hd & (hd - 1) == 0)
+        return self.fused_conv and backend in ("pallas_gpu", "interpret") and 16 <= hd <= 256 and hd & (hd - 1) == 0
 
     def __call__(self, x, *, positions, segment_ids, cache=None):
         del positions  # KDA has no positional encoding
@@ -171,21 +179,6 @@ class KDA(nnx.Module):
         b, t, _ = x.shape
         c = cache or {}
         backend = resolve_backend(self.backend)
-        if self._uses_fused_conv(cache, backend):
-            # q and k leave the kernel normalised (q also scaled), so the op skips both.
-            conv = functools.partial(self._fused_short_conv, x=x, segment_ids=segment_ids,
-                                     interpret=backend == "interpret")
-            q = conv("q", normalize=True, scale=self.head_dim ** -0.5)
-            k, v = conv("k", normalize=True, scale=1.0), conv("v", normalize=False, scale=1.0)
-            qk_kw = dict(use_qk_l2norm_in_kernel=False, scale=1.0)
-        else:
-            q, q_state, q_ids = self._short_conv("q", x, segment_ids, c)
-            k, k_state, _ = self._short_conv("k", x, segment_ids, c)
-            v, v_state, _ = self._short_conv("v", x, segment_ids, c)
-            qk_kw = dict(use_qk_l2norm_in_kernel=True)
-        if self.num_kv_heads != self.num_heads:  # GQA: query head h reads key/value head h // groups
-            groups = self.num_heads // self.num_kv_heads
-            k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         if self.gate == "channel":  # the ops apply kda_gate (on GPU fused with the chunk cumsum)
             g, gate_kw = self.raw_gate(x), dict(use_gate_in_kernel=True, A_log=self.A_log[...],
                                                 dt_bias=self.dt_bias[...])
@@ -198,9 +191,39 @@ class KDA(nnx.Module):
             same = cache["segment_id"] == segment_ids[:, 0]
             state = jnp.where(same[:, None, None, None], cache["state"], 0.0)
         op = fused_recurrent_kda if (cache is not None and t == 1) else chunk_kda
-        o, final = op(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
-                      segment_ids=segment_ids, chunk_size=self.chunk_size, backend=self.backend,
-                      **qk_kw, **gate_kw)
+
+        def mix(fused):
+            """(o, final state, (q/k/v conv states, their segment ids)) through the fused kernel or
+            the jnp convolutions."""
+            if fused:
+                # q and k leave the kernel normalised (q also scaled), so the op skips both.
+                conv = functools.partial(self._fused_short_conv, x=x, segment_ids=segment_ids, c=c,
+                                         interpret=backend == "interpret")
+                q, q_state, q_ids = conv("q", normalize=True, scale=self.head_dim ** -0.5)
+                k, k_state, _ = conv("k", normalize=True, scale=1.0)
+                v, v_state, _ = conv("v", normalize=False, scale=1.0)
+                qk_kw = dict(use_qk_l2norm_in_kernel=False, scale=1.0)
+            else:
+                q, q_state, q_ids = self._short_conv("q", x, segment_ids, c)
+                k, k_state, _ = self._short_conv("k", x, segment_ids, c)
+                v, v_state, _ = self._short_conv("v", x, segment_ids, c)
+                qk_kw = dict(use_qk_l2norm_in_kernel=True)
+            if self.num_kv_heads != self.num_heads:  # GQA: query head h reads key/value head h // groups
+                groups = self.num_heads // self.num_kv_heads
+                k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+            o, final = op(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
+                          segment_ids=segment_ids, chunk_size=self.chunk_size, backend=self.backend,
+                          **qk_kw, **gate_kw)
+            return o, final, (q_state, k_state, v_state, q_ids)
+
+        if not self._fusable(backend) or (cache is not None and t == 1):
+            o, final, conv_states = mix(False)
+        elif cache is None:
+            o, final, conv_states = mix(True)
+        else:
+            # Prefill: the kernel reads no conv state, so it serves an empty cache (index 0, as
+            # init_cache makes it); a prefill continuing a cache takes the jnp convolutions.
+            o, final, conv_states = jax.lax.cond(cache["index"] == 0, lambda: mix(True), lambda: mix(False))
         gate = jnp.einsum("btr,rhk->bthk", x @ self._w(self.g_down), self._w(self.g_up))
         if self.g_bias is not None:
             gate = gate + self._w(self.g_bias)
@@ -211,6 +234,7 @@ class KDA(nnx.Module):
         y = jnp.einsum("bthk,hkd->btd", o.astype(self.dtype), self._w(self.o_proj))
         if cache is None:
             return y, None
+        q_state, k_state, v_state, q_ids = conv_states
         new_cache = {
             "state": final, "q_conv": q_state, "k_conv": k_state, "v_conv": v_state,
             "conv_segment_ids": q_ids, "segment_id": segment_ids[:, -1].astype(jnp.int32),

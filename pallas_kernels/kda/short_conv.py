@@ -9,36 +9,30 @@ layout of hybrid_jax/layers/short_conv.py (w[ks-1] multiplies the current token)
 everything from pre to the norm in fp32, the output in out_dtype. Full sequences only (no conv
 cache): training, and prefill into an empty cache.
 
-Grid (B, ceil(T / block_t), H), heads fastest. A program reads its [block_t, D] rows of z and,
-through a second BlockSpec on the same array, the 16 rows before them (the halo; block index
-max(i*block_t/16 - 1, 0), rows before t = 0 zeroed). Rows move by j tokens through products
-with 0/1 selection matrices (one 1 per row, so the fp32 accumulation is exact): bf16 operands
-take one bf16 product; fp32 operands are split into three bf16 pieces hi + mid + lo == x (8 bits
-each of the 24-bit significand), which keeps the tensor cores and stays exact. The segment
-masks come precomputed as one int32 per token (`_mask_bits`: bit j-1 = [t-j >= 0 and
-seg_{t-j} == seg_t], bit 3+j-1 = [t+j < T and seg_{t+j} == seg_t]) rather than shifting segment
-ids in the kernel: ids need not fit a float exactly, and the bits cost 4 B per token against
-H*D elements per token of z. T need not be a multiple of block_t (nor of 16): rows are read
-with masked loads (rows outside [0, T) read as 0, before any product) and written with masked
-stores, since Pallas Triton does not bound a partial block's accesses; no padding copy.
+Grid (B, ceil(T / block_t), H), heads fastest; a program owns block_t rows of one head. z (and
+in the backward dout) are passed unblocked and read as [block_t, D] tiles at any row offset
+through index arrays: tap j is the tile read j rows earlier (rows move in the addresses, not in
+registers; each row stays one contiguous D-vector, so the loads stay 16-byte wide, and the
+overlapping re-reads of neighbouring rows are meant to hit the cache). Rows outside [0, T) are masked off
+(read as 0: Pallas Triton does not bound accesses), so T need not be a multiple of block_t and
+nothing is padded. The segment masks come precomputed as one int32 per token (`_mask_bits`:
+bit j-1 = [t-j >= 0 and seg_{t-j} == seg_t]) rather than shifting segment ids in the kernel:
+ids need not fit a float exactly, and the bits cost 4 B per token against H*D elements of z.
+The forward folds each tap's bit into its load mask.
 
-Backward (jax.custom_vjp): nothing is saved but the inputs and the mask bits. A program
-recomputes pre and y of its rows and of the 16 rows after them (the next block's halo: z and
-dy through BlockSpecs with index min((i+1)*block_t/16, last)), then
+Backward (jax.custom_vjp): nothing is saved but the inputs and the mask bits. With
     d y   (normalize) = scale r (dout - y r^2 sum_D(dout y)),  r = rsqrt(sum_D y^2 + eps)
     dpre  = dy * act'(pre)                 silu' = s (1 + pre (1 - s)), s = sigmoid(pre)
     dz_t  = sum_j w[ks-1-j] * dpre_{t+j} * [t+j < T and seg_{t+j} == seg_t]
-and writes per-block partial sums sum_t z_{t-j} dpre_t mask (d w) and sum_t dpre_t (d bias),
-[B, nblocks, H, ks', D] fp32 (ks' = ks rounded up to a power of two), which XLA sums.
+a program recomputes pre and dpre at rows t + j for each tap j (z tiles at the 2 ks - 1 row
+offsets -(ks-1) .. ks-1, each read once; dout at rows t + j; the mask of row t+j's term is bit
+j-1 of row t+j), so the rows need no moving but the activation and norm run ks times per
+element. It writes per-block partial sums sum_t z_{t-j} dpre_t mask (d w) and sum_t dpre_t
+(d bias), [B, nblocks, H, ks', D] fp32 (ks' = ks rounded up to a power of two), which XLA sums.
 
-Traffic per element, bf16 z and output: forward read z 2 B + write 2 B, plus 16/block_t halo
-re-reads and 4/D B of mask bits (one int32 per token and head program); backward read z and
-dout 2 + 2 B, write dz 2 B, plus 32/block_t halo re-reads and 4 ks'/block_t B of partial sums.
-At B=1, T=131072, H=16, D=128 the forward moves 1.07 GB: 0.22 ms at 4.8 TB/s (H200), not
-measured here. The selection products cost 2 (ks-1)(block_t + 16) flops per element in the
-forward (bf16 operands; 480 at ks=4, block_t=64), about 4x that in the backward (the bf16
-recomputes, three bf16 pieces of the fp32 dpre moved up): block_t trades them against the
-halo re-reads (a device sweep of 16/32/64 is still to do).
+Traffic per element, bf16 z and output: forward read z 2 B + write 2 B; backward read z and
+dout 2 + 2 B, write dz 2 B; plus 4/D B of mask bits per row tile and 4 ks'/block_t B of
+partial sums; the shifted re-reads come from cache.
 """
 
 from __future__ import annotations
@@ -55,7 +49,6 @@ from jax.experimental.pallas import triton as plgpu
 
 __all__ = ["short_conv_norm"]
 
-HALO = 16        # rows of the neighbouring block a program reads (>= ks - 1; a tensor-core tile)
 MAX_TAPS = 4
 ACTIVATIONS = ("silu", "identity")
 
@@ -64,6 +57,7 @@ class _Cfg(NamedTuple):
     """Static configuration (hashable: a nondiff argument of the custom_vjp function)."""
 
     T: int
+    D: int
     bt: int
     ks: int
     ksp: int                    # ks rounded up to a power of two (the weight tile's rows)
@@ -78,58 +72,40 @@ class _Cfg(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- kernel math
-def _sel(S, x):
-    """S @ x for a 0/1 matrix S with at most one 1 per row, exactly (fp32 result)."""
-    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
-    S = S.astype(jnp.bfloat16)
-    if x.dtype == jnp.bfloat16:
-        return dot(S, x)
-    x = x.astype(jnp.float32)
-    hi = x.astype(jnp.bfloat16)
-    r = x - hi.astype(jnp.float32)
-    mid = r.astype(jnp.bfloat16)
-    lo = (r - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-    return (dot(S, hi) + dot(S, mid)) + dot(S, lo)
+def _rows(start, n):
+    """[n, 1] token index of n rows from start."""
+    return start + lax.broadcasted_iota(jnp.int32, (n, 1), 0)
 
 
-def _offset_eye(n, m, k):
-    """[n, m] 0/1 matrix with ones where column == row + k."""
-    r = lax.broadcasted_iota(jnp.int32, (n, m), 0)
-    c = lax.broadcasted_iota(jnp.int32, (n, m), 1)
-    return (c == r + k).astype(jnp.bfloat16)
+def _valid(start, cfg):
+    """[bt, 1] bool: the rows' token index lies in [0, T)."""
+    t = _rows(start, cfg.bt)
+    return (t >= 0) & (t < cfg.T)
+
+
+def _tile(ref, b, start, h, cfg, keep=None):
+    """fp32 [bt, D] rows start .. start+bt-1 of ref[b, :, h, :] ([B, T, H, D], unblocked), read
+    at any row offset (negative too) through index arrays; rows outside [0, T), or where the
+    [bt, 1] `keep` is False, read as 0. Pallas Triton does not bound accesses, so the mask is
+    what keeps the halo rows before t = 0 and past T unread; a zero keeps 0 * NaN out."""
+    m = _valid(start, cfg) if keep is None else _valid(start, cfg) & keep
+    cols = lax.broadcasted_iota(jnp.int32, (1, cfg.D), 1)
+    x = plgpu.load(ref.at[b, _rows(start, cfg.bt), h, cols], mask=jnp.broadcast_to(m, (cfg.bt, cfg.D)), other=0)
+    return x.astype(jnp.float32)
+
+
+def _bits(ref, b, start, cfg):
+    """[bt] int32 mask words of rows start .. (0 outside [0, T)) from the unblocked [B, T] ref."""
+    return plgpu.load(ref.at[b, _rows(start, cfg.bt)[:, 0]], mask=_valid(start, cfg)[:, 0], other=0)
 
 
 def _bit(bits, k):
-    """[n, 1] bool: bit k of each row's mask word."""
+    """[bt, 1] bool: bit k of each row's mask word."""
     return ((bits >> k) & 1)[:, None] == 1
-
-
-def _tap(w, j):
-    """Row j of the [ks', D] weight tile (w[j] multiplies z_{t-j}) as [1, D]."""
-    rows = lax.broadcasted_iota(jnp.int32, w.shape, 0)
-    return jnp.sum(jnp.where(rows == j, w, 0.0), axis=0, keepdims=True)
 
 
 def _act(pre, cfg):
     return pre * jax.nn.sigmoid(pre) if cfg.act == "silu" else pre
-
-
-def _act_grad(pre, cfg):
-    if cfg.act == "identity":
-        return None
-    s = jax.nn.sigmoid(pre)
-    return s * (1.0 + pre * (1.0 - s))
-
-
-def _conv(x, shifted, bits, w, b, cfg):
-    """pre = sum_j w[j] * masked shifted_j (+ bias), summed in tap order j = 0, 1, ...
-    (causal_short_conv's order); shifted[j - 1] holds the rows moved down by j."""
-    pre = 0.0 + x.astype(jnp.float32) * _tap(w, 0)
-    for j in range(1, cfg.ks):
-        pre = pre + jnp.where(_bit(bits, j - 1), shifted[j - 1], 0.0) * _tap(w, j)
-    if cfg.bias:
-        pre = pre + b
-    return pre
 
 
 def _norm_out(y, cfg):
@@ -139,119 +115,88 @@ def _norm_out(y, cfg):
 
 
 def _dpre(pre, dout, cfg):
-    """Cotangent of pre from the output's, through the norm and the activation."""
-    y = _act(pre, cfg)
-    dy = dout.astype(jnp.float32)
+    """Cotangent of pre from the output's (fp32), through the norm and the activation."""
+    if cfg.act == "silu":
+        s = jax.nn.sigmoid(pre)
+        y, g = pre * s, s * (1.0 + pre * (1.0 - s))   # silu' = s (1 + pre (1 - s))
+    else:
+        y, g = pre, None
+    dy = dout
     if cfg.normalize:
         r = lax.rsqrt(jnp.sum(y * y, axis=-1, keepdims=True) + cfg.eps)
         dy = cfg.scale * r * (dy - y * (r * r) * jnp.sum(dy * y, axis=-1, keepdims=True))
-    g = _act_grad(pre, cfg)
     return dy if g is None else dy * g
 
 
-def _rows(start, n):
-    """[n, 1] global token index of n rows from start."""
-    return start + lax.broadcasted_iota(jnp.int32, (n, 1), 0)
-
-
-def _valid(start, n, cfg):
-    """[n, 1] bool: the rows' token index lies in [0, T)."""
-    t = _rows(start, n)
-    return (t >= 0) & (t < cfg.T)
-
-
-def _load_rows(ref, start, cfg):
-    """The ref's [n, D] rows, those with token index outside [0, T) read as 0 (the halo before
-    t = 0, the last block's tail): Pallas Triton neither bounds nor masks a block's accesses
-    (a partial block would read past the array), and a zero row keeps 0 * NaN out of products."""
-    return plgpu.load(ref, mask=jnp.broadcast_to(_valid(start, ref.shape[0], cfg), ref.shape), other=0)
-
-
-def _load_bits(ref, start, cfg):
-    return plgpu.load(ref, mask=_valid(start, ref.shape[0], cfg)[:, 0], other=0)
-
-
 def _store_rows(ref, val, start, cfg):
-    plgpu.store(ref, val.astype(ref.dtype), mask=jnp.broadcast_to(_valid(start, ref.shape[0], cfg), ref.shape))
-
-
-def _shift_down(x, prev, j):
-    """Rows t -> x_{t-j}, the first j from the halo `prev` (the HALO rows before x)."""
-    n = x.shape[0]
-    return _sel(_offset_eye(n, n, -j), x) + _sel(_offset_eye(n, HALO, HALO - j), prev)
-
-
-def _shift_up(x, nxt, j):
-    """Rows t -> x_{t+j}, the last j from `nxt` (the HALO rows after x)."""
-    n = x.shape[0]
-    return _sel(_offset_eye(n, n, j), x) + _sel(_offset_eye(n, HALO, j - n), nxt)
+    plgpu.store(ref, val.astype(ref.dtype), mask=jnp.broadcast_to(_valid(start, cfg), ref.shape))
 
 
 # ----------------------------------------------------------------------------- kernels
-def _fwd_kernel(z_ref, zp_ref, bits_ref, w_ref, *refs, cfg):
+def _fwd_kernel(z_ref, bits_ref, w_ref, *refs, cfg):
     b_ref, out_ref = refs if cfg.bias else (None, *refs)
-    i = pl.program_id(1)
-    x = _load_rows(z_ref, i * cfg.bt, cfg)
-    prev = _load_rows(zp_ref, i * cfg.bt - HALO, cfg)
-    shifted = [_shift_down(x, prev, j) for j in range(1, cfg.ks)]
-    b = b_ref[...][None, :] if cfg.bias else None
-    pre = _conv(x, shifted, _load_bits(bits_ref, i * cfg.bt, cfg), w_ref[...], b, cfg)
-    _store_rows(out_ref, _norm_out(_act(pre, cfg), cfg), i * cfg.bt, cfg)
-
-
-def _bwd_kernel(z_ref, zp_ref, zn_ref, bits_ref, bitsn_ref, w_ref, *refs, cfg):
+    b, h, start = pl.program_id(0), pl.program_id(2), pl.program_id(1) * cfg.bt
+    bits = _bits(bits_ref, b, start, cfg)
+    # pre_t = sum_j w[j] z_{t-j}, tap j read j rows up with its segment bit in the load mask
+    pre = 0.0 + _tile(z_ref, b, start, h, cfg) * w_ref[0, :][None, :]
+    for j in range(1, cfg.ks):
+        pre = pre + _tile(z_ref, b, start - j, h, cfg, keep=_bit(bits, j - 1)) * w_ref[j, :][None, :]
     if cfg.bias:
-        b_ref, dout_ref, doutn_ref, dz_ref, dw_ref, db_ref = refs
-        b = b_ref[...][None, :]
+        pre = pre + b_ref[...][None, :]
+    _store_rows(out_ref, _norm_out(_act(pre, cfg), cfg), start, cfg)
+
+
+def _bwd_kernel(z_ref, bits_ref, w_ref, *refs, cfg):
+    if cfg.bias:
+        b_ref, dout_ref, dz_ref, dw_ref, db_ref = refs
     else:
-        (dout_ref, doutn_ref, dz_ref, dw_ref), b, db_ref = refs, None, None
-    bt, ks = cfg.bt, cfg.ks
-    i = pl.program_id(1)
-    start, nstart = i * bt, (i + 1) * bt
-    w = w_ref[...]
-    bits, bitsn = _load_bits(bits_ref, start, cfg), _load_bits(bitsn_ref, nstart, cfg)
-    x = _load_rows(z_ref, start, cfg)
-    prev = _load_rows(zp_ref, start - HALO, cfg)
-    nxt = _load_rows(zn_ref, nstart, cfg)
-    # this block's rows: pre, then dpre (0 at rows >= T, where dout reads as 0)
-    shifted = [_shift_down(x, prev, j) for j in range(1, ks)]
-    pre = _conv(x, shifted, bits, w, b, cfg)
-    dpre = _dpre(pre, _load_rows(dout_ref, start, cfg), cfg)
-    # d pre of the next HALO rows, which dz of the last ks-1 rows reads
-    dz = dpre * _tap(w, 0)
-    if ks > 1:
-        shifted_n = [_sel(_offset_eye(HALO, bt, bt - j), x) + _sel(_offset_eye(HALO, HALO, -j), nxt)
-                     for j in range(1, ks)]
-        pre_n = _conv(nxt, shifted_n, bitsn, w, b, cfg)
-        dpre_n = _dpre(pre_n, _load_rows(doutn_ref, nstart, cfg), cfg)
-        for j in range(1, ks):
-            up = _shift_up(dpre, dpre_n, j)
-            dz = dz + jnp.where(_bit(bits, 3 + j - 1), up, 0.0) * _tap(w, j)
+        (dout_ref, dz_ref, dw_ref), b_ref, db_ref = refs, None, None
+    ks = cfg.ks
+    b, h, start = pl.program_id(0), pl.program_id(2), pl.program_id(1) * cfg.bt
+    w = [w_ref[j, :][None, :] for j in range(ks)]
+    zs = {}
+
+    def z_at(d):
+        """z rows t + d of this block's rows t, each offset read once (first use)."""
+        if d not in zs:
+            zs[d] = _tile(z_ref, b, start + d, h, cfg)
+        return zs[d]
+
+    # dz_t = sum_j w[j] dpre_{t+j} [seg_{t+j} == seg_t, t+j < T]: dpre recomputed at rows t + j
+    # (pre from z rows t+j-k, then through act and norm), its mask = bit j-1 of row t+j.
+    for j in range(ks):
+        bits = _bits(bits_ref, b, start + j, cfg)
+        pre = 0.0 + z_at(j) * w[0]
+        for k in range(1, ks):
+            pre = pre + jnp.where(_bit(bits, k - 1), z_at(j - k), 0.0) * w[k]
+        if cfg.bias:
+            pre = pre + b_ref[...][None, :]
+        dpre = _dpre(pre, _tile(dout_ref, b, start + j, h, cfg), cfg)  # 0 at rows >= T
+        if j == 0:
+            dz = dpre * w[0]
+            # this block's partial sums: d w[k] = sum_t masked z_{t-k} dpre_t, d bias = sum_t dpre_t
+            for k in range(cfg.ksp):
+                if k >= ks:
+                    col = jnp.zeros((cfg.D,), jnp.float32)
+                else:
+                    zk = z_at(-k) if k == 0 else jnp.where(_bit(bits, k - 1), z_at(-k), 0.0)
+                    col = jnp.sum(zk * dpre, axis=0)
+                dw_ref[k, :] = col
+            if cfg.bias:
+                db_ref[...] = jnp.sum(dpre, axis=0)
+        else:
+            dz = dz + jnp.where(_bit(bits, j - 1), dpre, 0.0) * w[j]
     _store_rows(dz_ref, dz, start, cfg)
-    # partial sums over this block's rows: d w[j] = sum_t masked z_{t-j} dpre_t, d bias
-    taps = lax.broadcasted_iota(jnp.int32, (cfg.ksp, x.shape[1]), 0)
-    dw = jnp.where(taps == 0, jnp.sum(x.astype(jnp.float32) * dpre, axis=0, keepdims=True), 0.0)
-    for j in range(1, ks):
-        col = jnp.sum(jnp.where(_bit(bits, j - 1), shifted[j - 1], 0.0) * dpre, axis=0, keepdims=True)
-        dw = jnp.where(taps == j, col, dw)
-    dw_ref[...] = dw
-    if cfg.bias:
-        db_ref[...] = jnp.sum(dpre, axis=0)
 
 
 # ----------------------------------------------------------------------------- calls
-def _specs(cfg, D):
-    """BlockSpecs of program (b, i, h): its rows, the HALO rows before and after them (of a
-    [B, T, H, D] array), the same three of the [B, T] mask bits, and the head's tiles."""
-    bt, per = cfg.bt, cfg.bt // HALO
-    last = (cfg.T - 1) // HALO
+def _specs(cfg):
+    """BlockSpecs of program (b, i, h): z, dout and the mask bits unblocked (read at shifted
+    row offsets), the output rows, the head's weight/bias tiles, the partial sums."""
+    bt, D = cfg.bt, cfg.D
     return dict(
+        full=pl.BlockSpec(),
         rows=pl.BlockSpec((None, bt, None, D), lambda b, i, h: (b, i, h, 0)),
-        prev=pl.BlockSpec((None, HALO, None, D), lambda b, i, h: (b, jnp.maximum(i * per - 1, 0), h, 0)),
-        next=pl.BlockSpec((None, HALO, None, D),
-                          lambda b, i, h: (b, jnp.minimum((i + 1) * per, last), h, 0)),
-        bits=pl.BlockSpec((None, bt), lambda b, i, h: (b, i)),
-        bits_next=pl.BlockSpec((None, HALO), lambda b, i, h: (b, jnp.minimum((i + 1) * per, last))),
         w=pl.BlockSpec((None, cfg.ksp, D), lambda b, i, h: (h, 0, 0)),
         b=pl.BlockSpec((None, D), lambda b, i, h: (h, 0)),
         dw=pl.BlockSpec((None, None, None, cfg.ksp, D), lambda b, i, h: (b, i, h, 0, 0)),
@@ -269,11 +214,10 @@ def _call(kernel, cfg, shape, in_specs, out_specs, out_shape, name):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _short_conv(cfg, z, w, bias, bits):
-    s = _specs(cfg, z.shape[-1])
-    ins = [s["rows"], s["prev"], s["bits"], s["w"]] + [s["b"]] * cfg.bias
-    args = [z, z, bits, w] + [bias] * cfg.bias
-    return _call(_fwd_kernel, cfg, z.shape, ins, s["rows"],
-                 jax.ShapeDtypeStruct(z.shape, cfg.out_dtype), "kda_short_conv")(*args)
+    s = _specs(cfg)
+    ins = [s["full"], s["full"], s["w"]] + [s["b"]] * cfg.bias
+    return _call(_fwd_kernel, cfg, z.shape, ins, s["rows"], jax.ShapeDtypeStruct(z.shape, cfg.out_dtype),
+                 "kda_short_conv")(z, bits, w, *([bias] * cfg.bias))
 
 
 def _short_conv_fwd(cfg, z, w, bias, bits):
@@ -284,15 +228,14 @@ def _short_conv_bwd(cfg, res, dout):
     z, w, bias, bits = res
     B, T, H, D = z.shape
     nb = pl.cdiv(T, cfg.bt)
-    s = _specs(cfg, D)
-    ins = ([s["rows"], s["prev"], s["next"], s["bits"], s["bits_next"], s["w"]] + [s["b"]] * cfg.bias
-           + [s["rows"], s["next"]])
-    args = [z, z, z, bits, bits, w] + [bias] * cfg.bias + [dout, dout]
+    s = _specs(cfg)
+    ins = [s["full"], s["full"], s["w"]] + [s["b"]] * cfg.bias + [s["full"]]
     outs = [s["rows"], s["dw"]] + [s["db"]] * cfg.bias
     shapes = ([jax.ShapeDtypeStruct(z.shape, z.dtype),
                jax.ShapeDtypeStruct((B, nb, H, cfg.ksp, D), jnp.float32)]
               + [jax.ShapeDtypeStruct((B, nb, H, D), jnp.float32)] * cfg.bias)
-    res = _call(_bwd_kernel, cfg, z.shape, ins, outs, shapes, "kda_short_conv_bwd")(*args)
+    res = _call(_bwd_kernel, cfg, z.shape, ins, outs, shapes, "kda_short_conv_bwd")(
+        z, bits, w, *([bias] * cfg.bias), dout)
     dw = jnp.sum(res[1], axis=(0, 1))
     db = jnp.sum(res[2], axis=(0, 1)) if cfg.bias else None
     return res[0], dw, db, None
@@ -303,21 +246,19 @@ _short_conv.defvjp(_short_conv_fwd, _short_conv_bwd)
 
 # ----------------------------------------------------------------------------- public
 def _mask_bits(segment_ids, B, T, ks):
-    """int32 [B, T]: bit j-1 = [t-j >= 0 and seg_{t-j} == seg_t], bit 3+j-1 = [t+j < T and
-    seg_{t+j} == seg_t], for j = 1 .. ks-1 (XLA, one pass over [B, T])."""
+    """int32 [B, T]: bit j-1 = [t-j >= 0 and seg_{t-j} == seg_t] for j = 1 .. ks-1 (XLA, one
+    pass over [B, T])."""
     seg = (jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32))
     t = jnp.arange(T)[None, :]
     bits = jnp.zeros((B, T), jnp.int32)
     for j in range(1, ks):
         back = jnp.pad(seg, [(0, 0), (j, 0)])[:, :T]
-        fwd = jnp.pad(seg, [(0, 0), (0, j)])[:, j:]
         bits = bits | (((t >= j) & (back == seg)).astype(jnp.int32) << (j - 1))
-        bits = bits | (((t + j < T) & (fwd == seg)).astype(jnp.int32) << (3 + j - 1))
     return bits
 
 
 def short_conv_norm(z, weight, segment_ids, *, bias=None, activation="silu", normalize=False,
-                    scale=1.0, eps=1e-6, out_dtype=None, block_t=64, num_warps=4, interpret=False):
+                    scale=1.0, eps=1e-6, out_dtype=None, block_t=32, num_warps=4, interpret=False):
     """act(causal depthwise conv of z (+ bias)), optionally L2-normalised over D and scaled.
 
     z [B, T, H, D] bf16 or fp32 (D a power of two in [16, 256]); weight [ks, H, D], ks in 1..4,
@@ -325,7 +266,7 @@ def short_conv_norm(z, weight, segment_ids, *, bias=None, activation="silu", nor
     sees earlier tokens of its own segment only) or None (one segment); bias [H, D] or None;
     activation "silu" or "identity"; normalize: out = y * rsqrt(sum_D y^2 + eps) * scale
     (reference.l2norm, then the scale). Computed in fp32; the output in out_dtype (default
-    z.dtype). block_t: tokens per program, a power of two >= 16 (reduced for short T).
+    z.dtype). block_t: tokens per program, a power of two (reduced for short T); num_warps: a power of two.
     Differentiable w.r.t. z, weight and bias (custom_vjp; cotangents in their dtypes).
     interpret=True runs the kernels in the Pallas interpreter (CPU tests)."""
     fn = "short_conv_norm"
@@ -347,15 +288,18 @@ def short_conv_norm(z, weight, segment_ids, *, bias=None, activation="silu", nor
     if activation not in ACTIVATIONS:
         raise ValueError(f"{fn}: activation {activation!r} unknown; use one of {ACTIVATIONS}.")
     bt = operator.index(block_t)
-    if bt < HALO or bt & (bt - 1):
-        raise ValueError(f"{fn}: block_t must be a power of two >= {HALO}; got {block_t}.")
-    bt = min(bt, max(HALO, 1 << (T - 1).bit_length()))
+    if bt < 1 or bt & (bt - 1):
+        raise ValueError(f"{fn}: block_t must be a power of two (a Triton block's rows); got {block_t}.")
+    bt = min(bt, 1 << max(T - 1, 0).bit_length())
+    nw = operator.index(num_warps)
+    if nw < 1 or nw & (nw - 1):
+        raise ValueError(f"{fn}: num_warps must be a power of two; got {num_warps}.")
     ks = weight.shape[0]
     ksp = 1 << (ks - 1).bit_length()
     # tap-reversed fp32 tile per head: w[h, j] multiplies z_{t-j}
     w = jnp.pad(weight.astype(jnp.float32)[::-1], [(0, ksp - ks), (0, 0), (0, 0)]).transpose(1, 0, 2)
-    cfg = _Cfg(T=T, bt=bt, ks=ks, ksp=ksp, act=activation, normalize=bool(normalize),
+    cfg = _Cfg(T=T, D=D, bt=bt, ks=ks, ksp=ksp, act=activation, normalize=bool(normalize),
                scale=float(scale), eps=float(eps), bias=bias is not None,
-               out_dtype=jnp.dtype(out_dtype or z.dtype), warps=num_warps, interpret=interpret)
+               out_dtype=jnp.dtype(out_dtype or z.dtype), warps=nw, interpret=interpret)
     b = None if bias is None else bias.astype(jnp.float32)
     return _short_conv(cfg, z, w, b, _mask_bits(segment_ids, B, T, ks))

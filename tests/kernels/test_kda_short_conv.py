@@ -65,6 +65,7 @@ CASES = [  # ks, activation, normalize, bias, H, D, T, block_t
     (2, "silu", False, True, 1, 16, 64, 32),
     (1, "identity", True, False, 3, 16, 40, 16),
     (4, "identity", True, True, 1, 16, 11, 64),  # T < 16: one block, reduced to 16 rows
+    (4, "silu", True, False, 2, 16, 37, 8),      # 8-row blocks: resets within 3 rows of a block boundary
 ]
 
 
@@ -139,6 +140,7 @@ def test_bf16_input_fp32_output_and_gradient():
     (dict(segment_ids=jnp.zeros((1, 8), jnp.float32)), "segment_ids"),
     (dict(activation="gelu"), "activation"),
     (dict(block_t=24), "block_t"),
+    (dict(num_warps=3), "num_warps"),
 ])
 def test_bad_inputs_raise_naming_the_argument(change, name):
     args = dict(z=jnp.zeros((1, 8, 2, 16)), weight=jnp.zeros((4, 2, 16)),

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from hybrid_jax.layers.kda import KDA, inverse_softplus
-from tests.layers.helpers import randomize, rms_rel, run, run_in_pieces
+from tests.layers.helpers import randomize, rms_rel, run, run_cached, run_in_pieces
 
 D, H, HD = 32, 2, 16
 
@@ -149,3 +149,38 @@ def test_fused_conv_kernel_matches_the_jnp_convolutions():
     assert rms_rel(y1, y0) < 1e-5
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         assert rms_rel(a, b) < 1e-4
+
+
+def test_fused_conv_serves_a_prefill_into_an_empty_cache():
+    # fused_conv=True (interpret mode) prefills into a fresh cache through the kernel (a cond on
+    # cache["index"] == 0): the same output and cache entries as the jnp convolutions, and
+    # continuing from that cache (a multi-token piece, then single tokens) equals the full forward.
+    def build(fused):
+        layer = KDA(D, H, HD, output_gate_init="random", conv_init="random", conv_bias=True, chunk_size=32,
+                    num_kv_heads=1, backend="interpret", fused_conv=fused, init_std=0.2, rngs=nnx.Rngs(5))
+        randomize(layer, 5, scale=0.1, skip=("A_log", "dt_bias"))
+        return layer
+
+    T, P = 15, 9
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, T, D), jnp.float32)
+    # row 0: 2 pads then one document; row 1: two packed documents, the second starting at 6.
+    seg = jnp.asarray([[0] * 2 + [1] * 13, [1] * 6 + [2] * 9], jnp.int32)
+    fused, plain = build(True), build(False)
+    graphdef, params = nnx.split(fused)
+    prefill = jax.make_jaxpr(lambda p, c: nnx.merge(graphdef, p)(x[:, :P], positions=None,
+                                                                 segment_ids=seg[:, :P], cache=c))
+    assert str(prefill(params, fused.init_cache(2, 32, jnp.float32))).count("name=kda_short_conv\n") == 3  # q, k, v
+
+    y1, c1 = run_cached(fused, x[:, :P], None, seg[:, :P], fused.init_cache(2, 32, jnp.float32))
+    y0, c0 = run_cached(plain, x[:, :P], None, seg[:, :P], plain.init_cache(2, 32, jnp.float32))
+    real = np.asarray(seg) != 0
+    assert rms_rel(np.asarray(y1)[real[:, :P]], np.asarray(y0)[real[:, :P]]) < 1e-5
+    assert sorted(c1) == sorted(c0)
+    for name in c0:
+        np.testing.assert_allclose(np.asarray(c1[name]), np.asarray(c0[name]), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    rest, c1 = run_in_pieces(fused, x[:, P:], None, seg[:, P:], c1, [3] + [1] * (T - P - 3))
+    got = np.concatenate([np.asarray(y1), np.asarray(rest)], axis=1)
+    full = np.asarray(run(plain, x, None, seg))
+    assert rms_rel(got[real], full[real]) < 1e-5
+    assert int(c1["index"]) == T
