@@ -24,15 +24,19 @@ Backward (jax.custom_vjp): nothing is saved but the inputs and the mask bits. Wi
     d y   (normalize) = scale r (dout - y r^2 sum_D(dout y)),  r = rsqrt(sum_D y^2 + eps)
     dpre  = dy * act'(pre)                 silu' = s (1 + pre (1 - s)), s = sigmoid(pre)
     dz_t  = sum_j w[ks-1-j] * dpre_{t+j} * [t+j < T and seg_{t+j} == seg_t]
-a program recomputes pre and dpre at rows t + j for each tap j (z tiles at the 2 ks - 1 row
-offsets -(ks-1) .. ks-1, each read once; dout at rows t + j; the mask of row t+j's term is bit
-j-1 of row t+j), so the rows need no moving but the activation and norm run ks times per
-element. It writes per-block partial sums sum_t z_{t-j} dpre_t mask (d w) and sum_t dpre_t
-(d bias), [B, nblocks, H, ks', D] fp32 (ks' = ks rounded up to a power of two), which XLA sums.
+a program recomputes pre and dpre of its rows and of the HALO (4) rows after them, stores both
+to its own fp32 scratch rows ([B, nblocks, H, block_t + 4, D], an output XLA drops), and after
+a barrier reads them back j rows down for tap j (the mask of that term is bit j-1 of row t+j).
+Recomputing dpre at rows t+j from z instead (no scratch, no barrier: the activation and norm
+ks times per element) measured 1.5-1.7x slower (below). It writes per-block partial sums
+sum_t z_{t-j} dpre_t mask (d w) and sum_t dpre_t (d bias), [B, nblocks, H, ks', D] fp32
+(ks' = ks rounded up to a power of two), which XLA sums.
 
 Traffic per element, bf16 z and output: forward read z 2 B + write 2 B; backward read z and
-dout 2 + 2 B, write dz 2 B; plus 4/D B of mask bits per row tile and 4 ks'/block_t B of
-partial sums; the shifted re-reads come from cache.
+dout 2 + 2 B, write dz 2 B, plus the scratch: 4 (block_t + 4)/block_t B written (from the L2
+cache to memory as lines are evicted) and read back from cache; 4/D B of mask bits per row
+tile and 4 ks'/block_t B of partial sums. The scratch is a transient 2.5x the bytes of a bf16
+z at block_t=16.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from jax.experimental.pallas import triton as plgpu
 __all__ = ["short_conv_norm"]
 
 MAX_TAPS = 4
+HALO = 4         # rows after a block whose dpre the backward recomputes (>= MAX_TAPS - 1, a power of two)
 ACTIVATIONS = ("silu", "identity")
 
 
@@ -72,36 +77,48 @@ class _Cfg(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- kernel math
-def _rows(start, n):
-    """[n, 1] token index of n rows from start."""
-    return start + lax.broadcasted_iota(jnp.int32, (n, 1), 0)
-
-
-def _valid(start, cfg):
-    """[bt, 1] bool: the rows' token index lies in [0, T)."""
-    t = _rows(start, cfg.bt)
+def _valid(start, n, cfg):
+    """[n, 1] bool: rows start .. start+n-1 lie in [0, T)."""
+    t = start + lax.broadcasted_iota(jnp.int32, (n, 1), 0)
     return (t >= 0) & (t < cfg.T)
 
 
-def _tile(ref, b, start, h, cfg, keep=None):
-    """fp32 [bt, D] rows start .. start+bt-1 of ref[b, :, h, :] ([B, T, H, D], unblocked), read
-    at any row offset (negative too) through index arrays; rows outside [0, T), or where the
-    [bt, 1] `keep` is False, read as 0. Pallas Triton does not bound accesses, so the mask is
-    what keeps the halo rows before t = 0 and past T unread; a zero keeps 0 * NaN out."""
-    m = _valid(start, cfg) if keep is None else _valid(start, cfg) & keep
+def _tile(ref, b, start, h, n, cfg, keep=None):
+    """fp32 [n, D] rows start .. start+n-1 of ref[b, :, h, :] ([B, T, H, D], unblocked), read at
+    any row offset (negative too) through index arrays; rows outside [0, T), or where the [n, 1]
+    `keep` is False, read as 0. Pallas Triton does not bound accesses, so the mask is what keeps
+    the rows before t = 0 and past T unread; a zero keeps 0 * NaN out."""
+    m = _valid(start, n, cfg) if keep is None else _valid(start, n, cfg) & keep
+    rows = start + lax.broadcasted_iota(jnp.int32, (n, 1), 0)
     cols = lax.broadcasted_iota(jnp.int32, (1, cfg.D), 1)
-    x = plgpu.load(ref.at[b, _rows(start, cfg.bt), h, cols], mask=jnp.broadcast_to(m, (cfg.bt, cfg.D)), other=0)
+    x = plgpu.load(ref.at[b, rows, h, cols], mask=jnp.broadcast_to(m, (n, cfg.D)), other=0)
     return x.astype(jnp.float32)
 
 
-def _bits(ref, b, start, cfg):
-    """[bt] int32 mask words of rows start .. (0 outside [0, T)) from the unblocked [B, T] ref."""
-    return plgpu.load(ref.at[b, _rows(start, cfg.bt)[:, 0]], mask=_valid(start, cfg)[:, 0], other=0)
+def _bits(ref, b, start, n, cfg):
+    """[n] int32 mask words of rows start .. (0 outside [0, T)) from the unblocked [B, T] ref."""
+    rows = start + lax.broadcasted_iota(jnp.int32, (n,), 0)
+    return plgpu.load(ref.at[b, rows], mask=(rows >= 0) & (rows < cfg.T), other=0)
 
 
 def _bit(bits, k):
-    """[bt, 1] bool: bit k of each row's mask word."""
+    """[n, 1] bool: bit k of each row's mask word."""
     return ((bits >> k) & 1)[:, None] == 1
+
+
+def _conv(z_ref, bits_ref, w_ref, b_ref, b, start, h, n, cfg):
+    """(masked taps, pre) of rows start .. start+n-1: taps[j] = z_{t-j} * mask (the tile read j
+    rows earlier, its segment bit in the load mask), pre = sum_j w[j] taps[j] (+ bias), summed
+    in tap order (causal_short_conv's)."""
+    bits = _bits(bits_ref, b, start, n, cfg)
+    taps = [_tile(z_ref, b, start, h, n, cfg)]
+    taps += [_tile(z_ref, b, start - j, h, n, cfg, keep=_bit(bits, j - 1)) for j in range(1, cfg.ks)]
+    pre = 0.0
+    for j, x in enumerate(taps):
+        pre = pre + x * w_ref[j, :][None, :]
+    if cfg.bias:
+        pre = pre + b_ref[...][None, :]
+    return taps, pre
 
 
 def _act(pre, cfg):
@@ -129,70 +146,58 @@ def _dpre(pre, dout, cfg):
 
 
 def _store_rows(ref, val, start, cfg):
-    plgpu.store(ref, val.astype(ref.dtype), mask=jnp.broadcast_to(_valid(start, cfg), ref.shape))
+    plgpu.store(ref, val.astype(ref.dtype), mask=jnp.broadcast_to(_valid(start, ref.shape[0], cfg), ref.shape))
 
 
 # ----------------------------------------------------------------------------- kernels
 def _fwd_kernel(z_ref, bits_ref, w_ref, *refs, cfg):
     b_ref, out_ref = refs if cfg.bias else (None, *refs)
     b, h, start = pl.program_id(0), pl.program_id(2), pl.program_id(1) * cfg.bt
-    bits = _bits(bits_ref, b, start, cfg)
-    # pre_t = sum_j w[j] z_{t-j}, tap j read j rows up with its segment bit in the load mask
-    pre = 0.0 + _tile(z_ref, b, start, h, cfg) * w_ref[0, :][None, :]
-    for j in range(1, cfg.ks):
-        pre = pre + _tile(z_ref, b, start - j, h, cfg, keep=_bit(bits, j - 1)) * w_ref[j, :][None, :]
-    if cfg.bias:
-        pre = pre + b_ref[...][None, :]
+    _, pre = _conv(z_ref, bits_ref, w_ref, b_ref, b, start, h, cfg.bt, cfg)
     _store_rows(out_ref, _norm_out(_act(pre, cfg), cfg), start, cfg)
 
 
 def _bwd_kernel(z_ref, bits_ref, w_ref, *refs, cfg):
     if cfg.bias:
-        b_ref, dout_ref, dz_ref, dw_ref, db_ref = refs
+        b_ref, dout_ref, dz_ref, dw_ref, db_ref, scr_ref = refs
     else:
-        (dout_ref, dz_ref, dw_ref), b_ref, db_ref = refs, None, None
-    ks = cfg.ks
-    b, h, start = pl.program_id(0), pl.program_id(2), pl.program_id(1) * cfg.bt
-    w = [w_ref[j, :][None, :] for j in range(ks)]
-    zs = {}
-
-    def z_at(d):
-        """z rows t + d of this block's rows t, each offset read once (first use)."""
-        if d not in zs:
-            zs[d] = _tile(z_ref, b, start + d, h, cfg)
-        return zs[d]
-
-    # dz_t = sum_j w[j] dpre_{t+j} [seg_{t+j} == seg_t, t+j < T]: dpre recomputed at rows t + j
-    # (pre from z rows t+j-k, then through act and norm), its mask = bit j-1 of row t+j.
-    for j in range(ks):
-        bits = _bits(bits_ref, b, start + j, cfg)
-        pre = 0.0 + z_at(j) * w[0]
-        for k in range(1, ks):
-            pre = pre + jnp.where(_bit(bits, k - 1), z_at(j - k), 0.0) * w[k]
-        if cfg.bias:
-            pre = pre + b_ref[...][None, :]
-        dpre = _dpre(pre, _tile(dout_ref, b, start + j, h, cfg), cfg)  # 0 at rows >= T
-        if j == 0:
-            dz = dpre * w[0]
-            # this block's partial sums: d w[k] = sum_t masked z_{t-k} dpre_t, d bias = sum_t dpre_t
-            for k in range(cfg.ksp):
-                if k >= ks:
-                    col = jnp.zeros((cfg.D,), jnp.float32)
-                else:
-                    zk = z_at(-k) if k == 0 else jnp.where(_bit(bits, k - 1), z_at(-k), 0.0)
-                    col = jnp.sum(zk * dpre, axis=0)
-                dw_ref[k, :] = col
-            if cfg.bias:
-                db_ref[...] = jnp.sum(dpre, axis=0)
-        else:
-            dz = dz + jnp.where(_bit(bits, j - 1), dpre, 0.0) * w[j]
+        (dout_ref, dz_ref, dw_ref, scr_ref), b_ref, db_ref = refs, None, None
+    ks, bt, D = cfg.ks, cfg.bt, cfg.D
+    b, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start = i * bt
+    taps, pre = _conv(z_ref, bits_ref, w_ref, b_ref, b, start, h, bt, cfg)
+    dpre = _dpre(pre, _tile(dout_ref, b, start, h, bt, cfg), cfg)  # 0 at rows >= T (dout reads 0)
+    # this block's partial sums: d w[j] = sum_t masked z_{t-j} dpre_t, d bias = sum_t dpre_t
+    for j in range(cfg.ksp):
+        dw_ref[j, :] = jnp.sum(taps[j] * dpre, axis=0) if j < ks else jnp.zeros((D,), jnp.float32)
+    if cfg.bias:
+        db_ref[...] = jnp.sum(dpre, axis=0)
+    dz = dpre * w_ref[0, :][None, :]
+    if ks > 1:
+        # dz_t also takes dpre_{t+j}, j < ks: dpre of the next HALO rows is recomputed, and both
+        # go through the program's own fp32 scratch rows, read back j rows down after a barrier
+        # (the interpreter runs a program's threads as one: no barrier there).
+        cols = lax.broadcasted_iota(jnp.int32, (1, D), 1)
+        rows = lax.broadcasted_iota(jnp.int32, (bt, 1), 0)
+        halo_rows = bt + lax.broadcasted_iota(jnp.int32, (HALO, 1), 0)
+        _, pre_n = _conv(z_ref, bits_ref, w_ref, b_ref, b, start + bt, h, HALO, cfg)
+        dpre_n = _dpre(pre_n, _tile(dout_ref, b, start + bt, h, HALO, cfg), cfg)
+        plgpu.store(scr_ref.at[b, i, h, rows, cols], dpre)
+        plgpu.store(scr_ref.at[b, i, h, halo_rows, cols], dpre_n)
+        if not cfg.interpret:
+            plgpu.debug_barrier()
+        for j in range(1, ks):
+            # the term's mask [t+j < T and seg_{t+j} == seg_t] is bit j-1 of row t+j
+            keep = _bit(_bits(bits_ref, b, start + j, bt, cfg), j - 1)
+            up = plgpu.load(scr_ref.at[b, i, h, rows + j, cols], mask=jnp.broadcast_to(keep, (bt, D)), other=0)
+            dz = dz + up * w_ref[j, :][None, :]
     _store_rows(dz_ref, dz, start, cfg)
 
 
 # ----------------------------------------------------------------------------- calls
 def _specs(cfg):
-    """BlockSpecs of program (b, i, h): z, dout and the mask bits unblocked (read at shifted
-    row offsets), the output rows, the head's weight/bias tiles, the partial sums."""
+    """BlockSpecs of program (b, i, h): z, dout, the mask bits and the scratch unblocked (read at
+    shifted rows), the output rows, the head's weight/bias tiles, the partial sums."""
     bt, D = cfg.bt, cfg.D
     return dict(
         full=pl.BlockSpec(),
@@ -230,10 +235,12 @@ def _short_conv_bwd(cfg, res, dout):
     nb = pl.cdiv(T, cfg.bt)
     s = _specs(cfg)
     ins = [s["full"], s["full"], s["w"]] + [s["b"]] * cfg.bias + [s["full"]]
-    outs = [s["rows"], s["dw"]] + [s["db"]] * cfg.bias
+    outs = [s["rows"], s["dw"]] + [s["db"]] * cfg.bias + [s["full"]]
     shapes = ([jax.ShapeDtypeStruct(z.shape, z.dtype),
                jax.ShapeDtypeStruct((B, nb, H, cfg.ksp, D), jnp.float32)]
-              + [jax.ShapeDtypeStruct((B, nb, H, D), jnp.float32)] * cfg.bias)
+              + [jax.ShapeDtypeStruct((B, nb, H, D), jnp.float32)] * cfg.bias
+              # dpre of each program's rows and the HALO after them, read back shifted
+              + [jax.ShapeDtypeStruct((B, nb, H, cfg.bt + HALO, D), jnp.float32)])
     res = _call(_bwd_kernel, cfg, z.shape, ins, outs, shapes, "kda_short_conv_bwd")(
         z, bits, w, *([bias] * cfg.bias), dout)
     dw = jnp.sum(res[1], axis=(0, 1))
@@ -258,7 +265,7 @@ def _mask_bits(segment_ids, B, T, ks):
 
 
 def short_conv_norm(z, weight, segment_ids, *, bias=None, activation="silu", normalize=False,
-                    scale=1.0, eps=1e-6, out_dtype=None, block_t=32, num_warps=4, interpret=False):
+                    scale=1.0, eps=1e-6, out_dtype=None, block_t=16, num_warps=2, interpret=False):
     """act(causal depthwise conv of z (+ bias)), optionally L2-normalised over D and scaled.
 
     z [B, T, H, D] bf16 or fp32 (D a power of two in [16, 256]); weight [ks, H, D], ks in 1..4,
