@@ -96,14 +96,15 @@ def _tile(ref, b, start, h, n, cfg, keep=None):
 
 
 def _bits(ref, b, start, n, cfg):
-    """[n] int32 mask words of rows start .. (0 outside [0, T)) from the unblocked [B, T] ref."""
-    rows = start + lax.broadcasted_iota(jnp.int32, (n,), 0)
+    """[n, 1] int32 mask words of rows start .. (0 outside [0, T)) from the unblocked [B, T] ref,
+    read as a column so that they broadcast over D without a layout change."""
+    rows = start + lax.broadcasted_iota(jnp.int32, (n, 1), 0)
     return plgpu.load(ref.at[b, rows], mask=(rows >= 0) & (rows < cfg.T), other=0)
 
 
 def _bit(bits, k):
     """[n, 1] bool: bit k of each row's mask word."""
-    return ((bits >> k) & 1)[:, None] == 1
+    return ((bits >> k) & 1) == 1
 
 
 def _conv(z_ref, bits_ref, w_ref, b_ref, b, start, h, n, cfg):
