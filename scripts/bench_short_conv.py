@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--shapes", default="8x4096x16,1x131072x16", help="BxTxH list (D=128)")
     ap.add_argument("--configs", default="16x4,32x4,32x8,64x8", help="block_t x num_warps list (fwd and fwd+bwd)")
     ap.add_argument("--fwd_only_configs", default="", help="block_t x num_warps list, forward only")
-    ap.add_argument("--variant", default="", help="module:function of another short_conv_norm to time beside")
+    ap.add_argument("--variant", default="", help="module:function list of other short_conv_norm versions to time beside")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
@@ -73,10 +73,10 @@ def main():
 
     impls = {"jnp": (jnp_path, True), "copy": (lambda z, w, seg: z * 2, False)}
     impls.update({f"pallas bt={bt} w={nw}": (pallas(short_conv_norm, bt, nw), True) for bt, nw in configs(a.configs)})
-    if a.variant:
-        mod, fn = a.variant.split(":")
+    for variant in filter(None, a.variant.split(",")):
+        mod, fn = variant.split(":")
         other = getattr(importlib.import_module(mod), fn)
-        impls.update({f"{fn} bt={bt} w={nw}": (pallas(other, bt, nw), True) for bt, nw in configs(a.configs)})
+        impls.update({f"{mod} bt={bt} w={nw}": (pallas(other, bt, nw), True) for bt, nw in configs(a.configs)})
     impls.update({f"pallas bt={bt} w={nw} (fwd)": (pallas(short_conv_norm, bt, nw), False)
                   for bt, nw in configs(a.fwd_only_configs)})
 
