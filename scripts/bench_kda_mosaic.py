@@ -246,7 +246,7 @@ def run_shape(shape, configs, iters, log):
     del o_tri, ref
 
     rows = {}
-    for rnd in range(2):  # alternating rounds: the spread between them is the noise
+    for _ in range(2):  # alternating rounds: the spread between them is the noise
         for name, (fn, a) in kernels.items():
             r = rows.setdefault(name, dict(kernel=name, shape=shape, device=dev, cupti_ms=[], wall_ms=[]))
             try:
