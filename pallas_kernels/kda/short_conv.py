@@ -11,14 +11,15 @@ cache): training, and prefill into an empty cache.
 
 Grid (B, ceil(T / block_t), H), heads fastest; a program owns block_t rows of one head. z (and
 in the backward dout) are passed unblocked and read as [block_t, D] tiles at any row offset
-through index arrays: tap j is the tile read j rows earlier (rows move in the addresses, not in
-registers; each row stays one contiguous D-vector, so the loads stay 16-byte wide, and the
-overlapping re-reads of neighbouring rows are meant to hit the cache). Rows outside [0, T) are masked off
-(read as 0: Pallas Triton does not bound accesses), so T need not be a multiple of block_t and
-nothing is padded. The segment masks come precomputed as one int32 per token (`_mask_bits`:
-bit j-1 = [t-j >= 0 and seg_{t-j} == seg_t]) rather than shifting segment ids in the kernel:
-ids need not fit a float exactly, and the bits cost 4 B per token against H*D elements of z.
-The forward folds each tap's bit into its load mask.
+through index arrays: tap j is the tile read j rows earlier. Rows move in the addresses, not in
+registers (no selection-matrix products); each row stays one contiguous D-vector, and the
+overlapping re-reads of neighbouring rows are meant to hit the cache. Rows outside [0, T) are
+masked off (read as 0: Pallas Triton does not bound accesses, and the interpreter would clamp a
+negative slice start, so rows are index arrays rather than pl.ds), so T need not be a multiple
+of block_t and nothing is padded. The segment masks come precomputed as one int32 per token
+(`_mask_bits`: bit j-1 = [t-j >= 0 and seg_{t-j} == seg_t]) rather than shifting segment ids
+in the kernel: ids need not fit a float exactly, and the bits cost 4 B per token against H*D
+elements of z. Each tap's bit is folded into its load mask.
 
 Backward (jax.custom_vjp): nothing is saved but the inputs and the mask bits. With
     d y   (normalize) = scale r (dout - y r^2 sum_D(dout y)),  r = rsqrt(sum_D y^2 + eps)
@@ -27,16 +28,28 @@ Backward (jax.custom_vjp): nothing is saved but the inputs and the mask bits. Wi
 a program recomputes pre and dpre of its rows and of the HALO (4) rows after them, stores both
 to its own fp32 scratch rows ([B, nblocks, H, block_t + 4, D], an output XLA drops), and after
 a barrier reads them back j rows down for tap j (the mask of that term is bit j-1 of row t+j).
-Recomputing dpre at rows t+j from z instead (no scratch, no barrier: the activation and norm
-ks times per element) measured 1.5-1.7x slower (below). It writes per-block partial sums
-sum_t z_{t-j} dpre_t mask (d w) and sum_t dpre_t (d bias), [B, nblocks, H, ks', D] fp32
-(ks' = ks rounded up to a power of two), which XLA sums.
+It writes per-block partial sums sum_t z_{t-j} dpre_t mask (d w) and sum_t dpre_t (d bias),
+[B, nblocks, H, ks', D] fp32 (ks' = ks rounded up to a power of two), which XLA sums.
 
 Traffic per element, bf16 z and output: forward read z 2 B + write 2 B; backward read z and
-dout 2 + 2 B, write dz 2 B, plus the scratch: 4 (block_t + 4)/block_t B written (from the L2
-cache to memory as lines are evicted) and read back from cache; 4/D B of mask bits per row
-tile and 4 ks'/block_t B of partial sums. The scratch is a transient 2.5x the bytes of a bf16
-z at block_t=16.
+dout 2 + 2 B, write dz 2 B, plus the scratch: 4 (block_t + 4)/block_t B written (it outgrows
+the L2 cache at the sizes below, so count it as written to memory) and read back from cache;
+4/D B of mask bits and 4 ks'/block_t B of partial sums. The scratch is a transient 2.5x the
+bytes of a bf16 z at block_t=16.
+
+Measured (scripts/bench_short_conv.py, NVIDIA H200, jax 0.11.2, 2026-11-27; bf16, D=128,
+ks=4, silu + norm; medians of back-to-back calls; floor = 4 B (forward) or 10 B (forward +
+backward) per element at 4.8 TB/s; `z * 2`, which moves the forward's bytes, reaches 59% and 67%):
+    B x T x H     forward ms (% floor) fwd+bwd ms (% floor) XLA path fwd / fwd+bwd ms
+    8x4096x16     0.135 (42%)          0.707 (20%)          0.244 / 0.841
+    1x131072x16   0.483 (46%)          2.73 (20%)           0.826 / 2.97
+at the defaults block_t=16, num_warps=2 (the fastest forward+backward of 16x2, 16x4, 32x4,
+32x8, 64x4, 64x8 at both shapes in an earlier call; forward within 4% of the best there).
+The selection-product kernel this replaced: 0.219 / 1.78 ms and 0.809 / 6.90 ms at the same
+block_t and warps. Recomputing dpre at each row t + j from z instead of the scratch (the
+activation and norm ks times per element) took 1.7x as long forward+backward in the earlier
+call (1.15 vs 0.68 ms, 4.44 vs 2.60 ms). The backward is still far above its byte floor
+(about 0.57 ms against 0.08 ms at 8x4096x16) and has not been profiled.
 """
 
 from __future__ import annotations
@@ -97,7 +110,7 @@ def _tile(ref, b, start, h, n, cfg, keep=None):
 
 def _bits(ref, b, start, n, cfg):
     """[n, 1] int32 mask words of rows start .. (0 outside [0, T)) from the unblocked [B, T] ref,
-    read as a column so that they broadcast over D without a layout change."""
+    read as a column that broadcasts over D."""
     rows = start + lax.broadcasted_iota(jnp.int32, (n, 1), 0)
     return plgpu.load(ref.at[b, rows], mask=(rows >= 0) & (rows < cfg.T), other=0)
 
