@@ -192,7 +192,7 @@ def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[
 
 
 def train(batch: int, seq_len: int, steps: int, log_every: int = 3, remat: bool = False, logit_chunk: int = 1024,
-          tiny: bool = False, fused_conv: bool = False):
+          tiny: bool = False, fused_conv: bool = True):
     """Runs the `logit_kd` stage of the real Trainer for `steps` steps on random tokens; returns
     (teacher, student, config, workdir, layer spec, model shape, compute dtype)."""
     from flax import nnx
@@ -235,13 +235,14 @@ def main():
     ap.add_argument("--logit_chunk", type=int, default=1024, help="positions per fused lm_head+loss chunk; 0 = unchunked")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also time the step's parts alone")
-    ap.add_argument("--fused_conv", action="store_true", help="mixer_config.kda.fused_conv (one conv+norm kernel)")
+    ap.add_argument("--xla_conv", action="store_true",
+                    help="mixer_config.kda.fused_conv=False: XLA's convolutions and L2 norm instead of the kernel")
     args = ap.parse_args()
     import jax
 
     teacher, student, config, workdir, spec, shape, compute = train(
         args.batch, args.seq_len, args.steps, args.log_every, args.remat, args.logit_chunk, args.tiny,
-        args.fused_conv)
+        not args.xla_conv)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     tps = statistics.median(r["tokens_per_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["tokens_per_s"]
     flops = step_flops_per_token(student, teacher, args.seq_len, 64) * tps
@@ -249,7 +250,7 @@ def main():
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     stats = jax.devices()[0].memory_stats() or {}
     result = dict(device=kind, jax=jax.__version__, batch=args.batch, seq_len=args.seq_len, remat=args.remat,
-                  logit_chunk=args.logit_chunk, fused_conv=args.fused_conv,
+                  logit_chunk=args.logit_chunk, fused_conv=not args.xla_conv,
                   tokens_per_s=tps, achieved_tflops=flops / 1e12, mfu=(flops / peak) if peak else None,
                   peak_memory_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None, layer_spec=spec)
     if args.breakdown:

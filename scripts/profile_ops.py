@@ -208,7 +208,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--logit_chunk", type=int, default=1024)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--fused_conv", action="store_true", help="distill: mixer_config.kda.fused_conv")
+    ap.add_argument("--xla_conv", action="store_true",
+                    help="distill: mixer_config.kda.fused_conv=False (XLA's convolutions and L2 norm)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--modules", default=None,
                     help="regex of the HLO modules to attribute (default: the prefill's or the trainer step's)")
@@ -241,7 +242,7 @@ def main():
 
         with jax.profiler.trace(trace, create_perfetto_trace=True, profiler_options=options):
             train(1, args.seq_len, args.steps, log_every=args.steps, logit_chunk=args.logit_chunk, tiny=args.tiny,
-                  fused_conv=args.fused_conv)
+                  fused_conv=not args.xla_conv)
         calls = args.steps
         title = f"distillation step, 1x{args.seq_len}, per step ({args.steps} steps)"
     modules_re = args.modules if args.modules is not None else ("^jit__prefill$" if args.target == "prefill"

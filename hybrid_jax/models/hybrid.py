@@ -40,10 +40,10 @@ _KDA_DEFAULTS = dict(
     output_gate_init="half",  # "half": g_up = 0 so sigmoid(gate) = 0.5 exactly; "random"
     chunk_size=64,
     backend="auto",
-    # One Pallas kernel for the q/k/v short convolutions + activation + q/k L2 norm in forwards
-    # without a cache (training, scoring) on the GPU; off until it has been compiled and timed
-    # on a GPU (pallas_kernels/kda/short_conv.py).
-    fused_conv=False,
+    # One Pallas kernel for each of the q/k/v short convolutions + activation (+ q/k L2 norm) on
+    # the GPU, in forwards without a cache (training, scoring) and prefills into an empty one
+    # (pallas_kernels/kda/short_conv.py; the distillation step 1.12x faster on an H200).
+    fused_conv=True,
     # Options of the seed paper's released KDA layer (docs/export.md, efficient_qwen); the
     # defaults are this project's layer.
     num_kv_heads=None,  # None: as many k/v heads as query heads; else GQA k/v, repeated
