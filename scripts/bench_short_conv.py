@@ -2,7 +2,7 @@
 
     python scripts/bench_short_conv.py --shapes 8x4096x16,1x131072x16 --configs 16x4,32x4,32x8
 
-"jnp" is the unfused path the KDA layer takes by default (causal_short_conv, SiLU, then the
+"jnp" is XLA's path, the KDA layer's with fused_conv=False (causal_short_conv, SiLU, then the
 op's l2norm in fp32, cast back to the input dtype); "pallas bt=N w=W" is `short_conv_norm` with
 block_t N and num_warps W; "copy" is z * 2 (reads and writes what the forward does: the
 achievable memory rate). Each is timed forward and forward+backward (jax.vjp: the output, then
