@@ -32,7 +32,9 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=True)
 
 
-def build_models(shape: dict, dtype: str, window: int, chunk: int):
+def build_models(shape: dict, dtype: str, window: int, chunk: int, xla_conv: bool = False):
+    """The teacher, Hybrid-KDA and AllMem; with `xla_conv` also "hybrid-kda-xla-conv", Hybrid-KDA
+    with XLA's short convolutions and L2 norm (fused_conv=False) for a side-by-side TTFT."""
     import jax
     from flax import nnx
 
@@ -49,9 +51,12 @@ def build_models(shape: dict, dtype: str, window: int, chunk: int):
     kda = hj.build_student(teacher, spec)
     allmem = hj.build_student(teacher, f"allmem:0-{layers - 1}",
                               mixer_config={"allmem": dict(window=window, chunk_size=chunk)})
-    jax.block_until_ready((nnx.state(kda), nnx.state(allmem)))
+    models = {"teacher": teacher, "hybrid-kda": kda, "allmem": allmem}
+    if xla_conv:
+        models["hybrid-kda-xla-conv"] = hj.build_student(teacher, spec, mixer_config={"kda": {"fused_conv": False}})
+    jax.block_until_ready([nnx.state(m) for m in models.values()])
     print(f"students built in {time.perf_counter() - t0:.1f} s (cumulative)", flush=True)
-    return {"teacher": teacher, "hybrid-kda": kda, "allmem": allmem}
+    return models
 
 
 def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, analytic: bool,
@@ -104,7 +109,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=512, help="AllMem memory chunk")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
     ap.add_argument("--analytic", action="store_true", help="cache bytes only, no timed runs")
-    ap.add_argument("--models", default="teacher,hybrid-kda,allmem", help="which of the three to measure")
+    ap.add_argument("--models", default="teacher,hybrid-kda,allmem",
+                    help="which to measure: teacher, hybrid-kda, allmem, and hybrid-kda-xla-conv "
+                    "(Hybrid-KDA with fused_conv=False)")
     ap.add_argument("--ttft_only", action="store_true",
                     help="time to first token only (no measured cache bytes, no decode loop to compile)")
     ap.add_argument("--repeats", type=int, default=3,
@@ -114,8 +121,9 @@ def main():
 
     os.makedirs(args.out, exist_ok=True)
     dtype = "float32" if args.tiny else "bfloat16"
-    models = build_models(TINY if args.tiny else QWEN3_0P6B, dtype, args.window, args.chunk)
     wanted = args.models.split(",")
+    models = build_models(TINY if args.tiny else QWEN3_0P6B, dtype, args.window, args.chunk,
+                          xla_conv="hybrid-kda-xla-conv" in wanted)
     if unknown := set(wanted) - set(models):
         raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {sorted(models)}")
     if "teacher" not in wanted:
