@@ -24,13 +24,14 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STUDENTS = {"kda": "attention:0;kda:1,2,3", "allmem": "allmem:0-3"}
-MAX_NEW_TOKENS = 8
+MAX_NEW_TOKENS = 16  # the learnt reply "The pass key is K." is ~11 tokens; its first number is scored
 
 
 def _lengths(text: str) -> list[int]:
@@ -171,6 +172,8 @@ def main(argv=None):
         export = os.path.join(workdir, "export")
         t0 = time.perf_counter()
         if args.retrain or not os.path.exists(os.path.join(export, "config.json")):
+            if args.retrain:  # a fresh run: distill would resume from the workdir's checkpoints
+                shutil.rmtree(workdir, ignore_errors=True)
             cfg = load_config_file(args.config)
             cfg.eval.passkey_lengths = cfg.eval.mqar_lengths = ""
             cfg.student.layer_spec = STUDENTS[name]

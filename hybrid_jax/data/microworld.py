@@ -432,13 +432,17 @@ def long_context_chats(num_examples: int, min_length: int = LONG_CONTEXT_MIN,
                        max_length: int = LONG_CONTEXT_MAX, *, seed: int = 0,
                        tasks: Sequence[str] = LONG_CONTEXT_TASKS,
                        count_tokens: Callable[[str], int] | None = None) -> list[dict]:
-    """Long-context retrieval as training chats: user = context + question, assistant = the answer.
+    """Long-context retrieval as training chats: user = context + question, assistant = the reply.
 
-    Record i alternates over `tasks` ("passkey": `passkey`'s context and question, answer the
-    5-digit key; "mqar": `associative_recall` with one query, answer the 4-digit value) and draws
-    its context length log-uniformly from [min_length, max_length] (lengths as in `passkey`:
-    `count_tokens`, default words). Each record also carries "task", "context_length" and
-    "answer". Record i depends only on (seed, i, range), so a longer list extends a shorter one.
+    Record i alternates over `tasks` ("passkey": `passkey`'s context and question, reply
+    "The pass key is K." for the 5-digit key K; "mqar": `associative_recall` with one query,
+    reply "key: V" for the 4-digit value V) and draws its context length log-uniformly from
+    [min_length, max_length] (lengths as in `passkey`: `count_tokens`, default words). The reply
+    repeats the phrase that precedes the answer in the context, so its digits follow the same
+    tokens there and here: the copy an induction head makes (with the bare digits as the reply,
+    a 0.9M-parameter teacher stayed at chance; docs/long_context.md). Each record also carries
+    "task", "context_length", "answer" (the digits; scoring takes a reply's first number) and
+    "reply". Record i depends only on (seed, i, range), so a longer list extends a shorter one.
     The prompts are exactly what `hybrid_jax.eval.long_context` asks, so a model trained on
     these is scored on the format it learnt (asked as a chat).
     """
@@ -456,10 +460,12 @@ def long_context_chats(num_examples: int, min_length: int = LONG_CONTEXT_MIN,
         if task == "passkey":
             e = passkey(length, 1, seed=sub, count_tokens=count_tokens)[0]
             question, answer = e["context"] + e["question"], e["answer"]
+            reply = f"The pass key is {answer}."
         else:
             e = associative_recall(length, 1, num_queries=1, seed=sub, count_tokens=count_tokens)[0]
             question, answer = mqar_prompt(e, 0), e["answers"][0]
+            reply = f"{e['queries'][0]}: {answer}"
         out.append({"messages": [{"role": "user", "content": question},
-                                 {"role": "assistant", "content": answer}],
-                    "task": task, "context_length": length, "answer": answer})
+                                 {"role": "assistant", "content": reply}],
+                    "task": task, "context_length": length, "answer": answer, "reply": reply})
     return out

@@ -39,7 +39,10 @@ def test_chats_are_well_formed(micro_tokenizer):
     for r in records:
         user, assistant = r["messages"]
         assert (user["role"], assistant["role"]) == ("user", "assistant")
-        assert assistant["content"] == r["answer"] and r["answer"].isdigit()
+        assert assistant["content"] == r["reply"] and r["answer"].isdigit()
+        # the reply repeats the context's phrase before the answer (an induction copy)
+        assert r["reply"] == (f"The pass key is {r['answer']}." if r["task"] == "passkey"
+                              else f"{user['content'].rsplit('What is the value of ', 1)[1][:-1]}: {r['answer']}")
         assert len(r["answer"]) == (5 if r["task"] == "passkey" else 4)
         assert _answer_in_context(r), r
         # MQAR's question is asked after a context of at most context_length tokens;
@@ -69,11 +72,11 @@ def test_bad_ranges_and_task_names():
         microworld.World().task("long_context_64")
 
 
-def test_loss_mask_covers_exactly_the_answer(micro_tokenizer):
+def test_loss_mask_covers_exactly_the_reply(micro_tokenizer):
     records = microworld.long_context_chats(6, 80, 300, seed=0, count_tokens=_counter(micro_tokenizer))
     docs = chat.encode_chats(micro_tokenizer, [r["messages"] for r in records], loss_mask="completion")
     for r, (ids, mask) in zip(records, docs, strict=True):
-        assert micro_tokenizer.decode(ids[mask]) == r["answer"] + chat.END_OF_TURN
+        assert micro_tokenizer.decode(ids[mask]) == r["reply"] + chat.END_OF_TURN
         # one contiguous run at the end of the chat (only the newline after <|im_end|> follows)
         idx = np.flatnonzero(mask)
         assert np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))) and idx[-1] >= len(ids) - 2
@@ -94,7 +97,7 @@ def test_long_context_split_flows_through_the_pipeline(micro_tokenizer):
     stream, (specs, _), _ = pipeline.build_stream(cfg, seed=0, shard=(0, 1))
     assert [(s["task"], s.get("weight", 1.0)) for s in specs] == [("instruct", 1.0), ("long_context_64_200", 3.0)]
     it = pipeline.make_batches(cfg, micro_tokenizer, seq_len=256, batch_size=4, seed=0, shard=(0, 1), prefetch=0)
-    answers = {r["answer"] for r in microworld.World().task("long_context_64_200")}
+    replies = {r["reply"] for r in microworld.World().task("long_context_64_200")}
     targets = []
     for _ in range(3):
         batch = next(it)
@@ -103,7 +106,7 @@ def test_long_context_split_flows_through_the_pipeline(micro_tokenizer):
             for s in np.unique(seg[row][seg[row] > 0]):
                 sel = (seg[row] == s) & mask[row].astype(bool)
                 targets.append(micro_tokenizer.decode(ids[row][sel]))
-    lc = [t for t in targets if t.removesuffix(chat.END_OF_TURN) in answers]
+    lc = [t for t in targets if t.removesuffix(chat.END_OF_TURN) in replies]
     assert len(lc) >= 6, "the weighted long-context chats should make up much of the stream"
     assert all(t.endswith(chat.END_OF_TURN) for t in targets)
 
