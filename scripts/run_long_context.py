@@ -1,16 +1,17 @@
 """Long-context retrieval, end to end: passkey and MQAR accuracy against context length for
 the teacher and its distilled student(s), on the micro-world, on a CPU.
 
-    .venv/bin/python scripts/run_long_context.py                    # ~40 min on 2 CPU cores
+    .venv/bin/python scripts/run_long_context.py                    # ~42 min on 2 CPU cores
     .venv/bin/python scripts/run_long_context.py --students=kda,allmem
 
 1. Teacher: configs/long_context_teacher.py through `hybrid_jax.pretrain.cached_teacher`
    (trained on first use, cached under ~/.cache/hybrid_jax afterwards).
 2. Students: `hybrid_jax.distill`'s `run` on configs/long_context.py, one workdir per student
-   (WORKDIR/<name>); a student whose export already exists is reused (--retrain redoes it).
+   (WORKDIR/<name>); a student whose export already exists is reused (--retrain deletes the
+   workdir and distils it again).
 3. Scoring: at each length of `eval.passkey_lengths` / `eval.mqar_lengths`, prompts asked as
    the chats the models were trained on (user: context + question; the assistant's turn is
-   generated greedily, 8 tokens); a reply is right when its first number is the answer. A
+   generated greedily, 16 tokens); a reply is right when its first number is the answer. A
    length L means the whole chat prompt has at most L tokens (the context is cut to fit), so
    each length compiles one power-of-two prefill. Items come from seed `--seed` of
    `microworld.passkey` / `associative_recall`, not the training chats' streams.
