@@ -36,7 +36,7 @@ from flax import nnx
 
 from hybrid_jax.layers.norms import RMSNorm
 from hybrid_jax.layers.params import param
-from hybrid_jax.layers.short_conv import ACTIVATIONS, ShortConv
+from hybrid_jax.layers.short_conv import ACTIVATIONS, ShortConv, append_to_state
 from pallas_kernels.kda import chunk_kda, fused_recurrent_kda, kda_gate, resolve_backend
 from pallas_kernels.kda.short_conv import short_conv_norm
 
@@ -165,9 +165,8 @@ class KDA(nnx.Module):
         if not c:
             return y, None, None
         t = z.shape[1]
-        state = jnp.concatenate([c[f"{name}_conv"].astype(z.dtype), z], axis=1)[:, t:]
-        ids = jnp.concatenate([c["conv_segment_ids"].astype(jnp.int32), segment_ids.astype(jnp.int32)], axis=1)
-        return y, state, ids[:, t:]
+        zs, ids = append_to_state(z, segment_ids, c[f"{name}_conv"], c["conv_segment_ids"])
+        return y, zs[:, t:], ids[:, t:]
 
     def _fusable(self, backend):
         hd = self.head_dim

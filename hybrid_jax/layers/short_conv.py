@@ -19,6 +19,13 @@ from hybrid_jax.layers.params import param
 ACTIVATIONS = {"silu": jax.nn.silu, "identity": lambda x: x}
 
 
+def append_to_state(x, segment_ids, state, state_segment_ids):
+    """[state, x] along time and their segment ids (int32): the new conv state is the last K-1
+    rows of both."""
+    return (jnp.concatenate([state.astype(x.dtype), x], axis=1),
+            jnp.concatenate([state_segment_ids.astype(jnp.int32), segment_ids.astype(jnp.int32)], axis=1))
+
+
 def causal_short_conv(x, weight, segment_ids, state=None, state_segment_ids=None):
     """x [B,T,*C], weight [K,*C], segment_ids [B,T]; state [B,K-1,*C] with ids [B,K-1] (or None).
 
@@ -30,8 +37,7 @@ def causal_short_conv(x, weight, segment_ids, state=None, state_segment_ids=None
     if state is None:
         state = jnp.zeros((b, ks - 1, *x.shape[2:]), x.dtype)
         state_segment_ids = jnp.full((b, ks - 1), -1, jnp.int32)
-    xs = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C...]
-    segs = jnp.concatenate([state_segment_ids.astype(jnp.int32), segment_ids.astype(jnp.int32)], axis=1)
+    xs, segs = append_to_state(x, segment_ids, state, state_segment_ids)  # [B, K-1+T, C...]
     w = weight.astype(jnp.float32)
     y = jnp.zeros(x.shape, jnp.float32)
     for j in range(ks):  # tap j looks j tokens back
