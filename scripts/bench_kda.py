@@ -165,6 +165,23 @@ SHORT = {"bv": ("bv", "block_v"), "bk": ("bk", "block_k"), "bki": ("bk_intra", "
          "mms": ("mm_state", "matmul_state")}
 
 
+def kernel_cfg(shape, variant=None, interpret=False):
+    """chunk_kda_gpu's static config (_Cfg) for bf16 inputs of `shape` without segments: its
+    defaults, overridden by a variant's SHORT keys, "C" and "mm"."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.kda import chunk_gpu as cg
+
+    kw = variant or {}
+    B, _, H, _, V = shape
+    default = {a.name: a.default for a in inspect.signature(cg.chunk_kda_gpu).parameters.values()}
+    fields = {field: kw.get(key, default[arg]) for key, (field, arg) in SHORT.items()}
+    fields |= cg._state_settings(B, H, V, jnp.bfloat16, fields["bv_state"], fields["stages_state"],
+                                 fields["mm_state"], fields["stages_state_bwd"])
+    # mm: chunk_kda_gpu's default for bf16 inputs
+    return cg._Cfg(C=kw.get("C", 64), seg=False, interpret=interpret, mm=kw.get("mm", "bf16"), **fields)
+
+
 def breakdown(shape, iters, variants):
     """Time each Pallas kernel alone (fwd: diag, intra, state, out; bwd: prep, state, pairs,
     channels) per variant."""
@@ -172,8 +189,6 @@ def breakdown(shape, iters, variants):
     import jax.numpy as jnp
 
     from pallas_kernels.kda import chunk_gpu as cg
-
-    default = {a.name: a.default for a in inspect.signature(cg.chunk_kda_gpu).parameters.values()}
 
     B, T, H, K, V = shape
     q, k, v, g, beta, do = make_np_inputs(B, T, H, K, V)
@@ -186,14 +201,10 @@ def breakdown(shape, iters, variants):
     for kw in variants:
         row = dict(variant=kw, shape=shape)
         try:
-            C = kw.get("C", 64)
+            cfg = kernel_cfg(shape, kw, interpret=jax.default_backend() == "cpu")
+            C = cfg.C
             G = jnp.cumsum(jnp.asarray(g).reshape(B, T // C, C, H, K), axis=2).reshape(B, T, H, K)
-            fields = {field: kw.get(key, default[arg]) for key, (field, arg) in SHORT.items()}
-            fields |= cg._state_settings(B, H, V, bf, fields["bv_state"], fields["stages_state"],
-                                         fields["mm_state"], fields["stages_state_bwd"])
-            row["state"] = {k: fields[k] for k in ("bv_state", "stages_state", "stages_state_bwd", "mm_state")}
-            cfg = cg._Cfg(C=C, seg=False, interpret=jax.default_backend() == "cpu",
-                          mm=kw.get("mm", "bf16"), **fields)  # chunk_kda_gpu's default for bf16 inputs
+            row["state"] = {k: getattr(cfg, k) for k in ("bv_state", "stages_state", "stages_state_bwd", "mm_state")}
 
             def jit(f, cfg=cfg, **kws):
                 return jax.jit(lambda *a: f(*a, cfg, **kws))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import json
 import os
 import statistics
@@ -153,14 +152,9 @@ def kda_intermediates(shape, C=64, seed=0):
     m = jnp.zeros((B, T), jnp.float32)
     s0 = jnp.zeros((B, H, K, V), jnp.float32)
 
-    default = {a.name: a.default for a in inspect.signature(cg.chunk_kda_gpu).parameters.values()}
-    fields = dict(bv=default["block_v"], bk=default["block_k"], bk_intra=default["block_k_intra"],
-                  bk_channels=default["block_k_channels"], warps_intra=default["num_warps_intra"],
-                  warps_state=default["num_warps_state"], warps_blocks=default["num_warps_blocks"],
-                  warps_diag=default["num_warps_diag"], stages=default["num_stages"],
-                  diag=default["diagonal"])
-    fields |= cg._state_settings(B, H, V, bf)
-    cfg = cg._Cfg(C=C, seg=False, interpret=False, mm="bf16", **fields)
+    from bench_kda import kernel_cfg  # a sibling script (scripts/ is on the path when run)
+
+    cfg = kernel_cfg(shape, {"C": C})
     jit = lambda f, **kw: jax.jit(lambda *a: f(*a, cfg, **kw))
     d = jit(cg._diag_pairs)(q, k, G)
     w, u, p, kd = jit(cg._intra_fwd, residuals=False)(q, k, v, G, beta, m, m, m, d)
