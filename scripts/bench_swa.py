@@ -11,6 +11,7 @@ physical floor max(FLOPs / peak, bytes / bandwidth).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -105,15 +106,18 @@ def main():
             cfg = sweep(q, k, v, do, args.window, args.repeats)
             results["config"] = cfg
 
-        def ours(q, k, v, sinks=0, segment_ids=None):
+        def ours(q, k, v, sinks=0, segment_ids=None, **overrides):
             return swa_gpu.swa_attention_gpu(q, k, v, window=args.window, sinks=sinks,
                                              segment_ids=segment_ids,
-                                             scale=args.head_dim ** -0.5, **cfg)  # noqa: B023 (timed within this iteration)
+                                             scale=args.head_dim ** -0.5, **dict(cfg, **overrides))  # noqa: B023 (timed within this iteration)
 
         def cudnn(q, k, v):
             return swa_attention(q, k, v, window=args.window, backend="cudnn")
 
-        impls = [("cudnn", cudnn), ("pallas_gpu", ours)]
+        # pallas_gpu: the default (the Mosaic GPU forward on Hopper, else Triton; Triton backward);
+        # pallas_gpu_triton_fwd: the Triton forward kernel, for the side-by-side.
+        impls = [("cudnn", cudnn), ("pallas_gpu", ours),
+                 ("pallas_gpu_triton_fwd", functools.partial(ours, fwd_kernel="triton"))]
         if args.features:
             # What cuDNN cannot express: sink tokens, and packed documents (8 per row).
             docs = jnp.repeat(jnp.arange(1, 9, dtype=jnp.int32), t // 8)[None, :]
@@ -139,8 +143,9 @@ def main():
                 print(json.dumps(row), flush=True)
         by = {(r["impl"], r["mode"]): r["ms"] for r in results["rows"] if r["seq"] == t}
         for mode in ("fwd", "fwd+bwd"):
-            print(f"T={t} {mode}: pallas_gpu / cudnn = "
-                  f"{by[('pallas_gpu', mode)] / by[('cudnn', mode)]:.2f}x", flush=True)
+            for name in ("pallas_gpu", "pallas_gpu_triton_fwd"):
+                print(f"T={t} {mode}: {name} / cudnn = "
+                      f"{by[(name, mode)] / by[('cudnn', mode)]:.2f}x", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -153,9 +158,11 @@ def sweep(q, k, v, do, window, repeats):
     def opts(prefix, shapes):
         return [{f"{prefix}block_q": bq, f"{prefix}block_k": bk, f"{prefix}num_warps": w,
                  f"{prefix}num_stages": s} for bq, bk, w, s in shapes]
+    mosaic = [{"mosaic_block_kv": bk, "mosaic_stages": s} for bk, s in ((128, 2), (64, 3), (64, 4))]
+    triton_fwd = [dict(o, fwd_kernel="triton") for o in opts("", [
+        (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 128, 4, 2)])]
     stages = [
-        (opts("", [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 2),
-                   (64, 128, 4, 2)]), "fwd"),
+        (mosaic if swa_gpu._is_hopper() else triton_fwd, "fwd"),
         (opts("dq_", [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
                       (64, 64, 4, 3), (128, 32, 4, 2)]), "fwd+bwd"),
         (opts("dkv_", [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2),

@@ -78,8 +78,9 @@ def swa_attention(q, k, v, *, window, sinks=0, segment_ids=None, scale=None, bac
         (its own run, so padded rows stay finite). Queries never see other documents.
       scale: logit scale, default D ** -0.5.
       backend: "auto" | "pallas_gpu" | "pallas_tpu" | "interpret" | "reference" | "cudnn".
-        "auto": on GPU cuDNN where it can express the call and measured faster, else the
-        Triton kernel; the Mosaic kernel on TPU; the reference elsewhere. "interpret" runs
+        "auto": on GPU cuDNN where it can express the call, else "pallas_gpu" (a Mosaic GPU
+        forward on Hopper, Triton elsewhere; Triton backward); the Mosaic kernel on TPU; the
+        reference elsewhere. "interpret" runs
         the TPU kernel in Pallas's interpreter (any platform). "cudnn" is
         jax.nn.dot_product_attention(implementation="cudnn"): no sinks or segments.
 
@@ -111,8 +112,8 @@ def _cudnn_can(q, sinks, segment_ids):
 def _auto_backend(q, sinks, segment_ids):
     platform = jax.devices()[0].platform
     if platform == "gpu":
-        # cuDNN measured 1.26-1.41x faster than our Triton kernel (docs/benchmarks.md),
-        # so it takes every call it can express.
+        # Forward, our Mosaic GPU kernel and cuDNN tie; forward+backward, cuDNN measured
+        # 1.18-1.20x faster (docs/benchmarks.md). So cuDNN takes every call it can express.
         if _cudnn_can(q, sinks, segment_ids):
             return "cudnn"
         return "pallas_gpu"

@@ -1,10 +1,13 @@
 """bf16 sliding-window attention on the accelerator against the float32 oracle."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.swa import gpu as swa_gpu
 from pallas_kernels.swa import swa_attention
 from pallas_kernels.swa.reference import swa_attention_reference
 
@@ -34,10 +37,8 @@ def packed_segments(b, t):
     return jnp.asarray(seg)
 
 
-def fwd_bwd(backend, q, k, v, do, **kw):
-    def f(q, k, v):
-        return swa_attention(q, k, v, backend=backend, **kw)
-    o, vjp = jax.vjp(f, q, k, v)
+def fwd_bwd(attention, q, k, v, do):
+    o, vjp = jax.vjp(attention, q, k, v)
     return (o, *vjp(do))
 
 
@@ -55,6 +56,7 @@ CASES = [
     dict(window=64, sinks=4, segments=False),
     dict(window=200, sinks=8, segments=True),
     dict(window=1, sinks=0, segments=False),
+    dict(window=5000, sinks=130, segments=True),  # sinks spanning two key blocks
 ]
 
 
@@ -68,7 +70,28 @@ def test_bf16_matches_fp32_oracle(backend, case, d):
     q, k, v, do = inputs(b, t, hq, hkv, d)
     kw = dict(window=case["window"], sinks=case["sinks"],
               segment_ids=packed_segments(b, t) if case["segments"] else None)
-    got = jax.jit(lambda *a: fwd_bwd(backend, *a, **kw))(q, k, v, do)
+    attention = functools.partial(swa_attention, backend=backend, **kw)
+    check_against_oracle(attention, case, q, k, v, do, **kw)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Triton and Mosaic GPU forwards need a GPU")
+@pytest.mark.parametrize("fwd_kernel", ["triton", "mosaic"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "w{window}-s{sinks}-seg{segments}".format(**c))
+def test_both_forward_kernels_match_fp32_oracle(fwd_kernel, case):
+    # Mosaic GPU needs Hopper, bf16/fp16 and head_dim 128; the backward is Triton in both.
+    if fwd_kernel == "mosaic" and not swa_gpu._is_hopper():
+        pytest.skip("the Mosaic GPU forward is for Hopper GPUs")
+    b, t, hq, hkv, d = 2, 1000, 4, 2, 128
+    q, k, v, do = inputs(b, t, hq, hkv, d)
+    kw = dict(window=case["window"], sinks=case["sinks"],
+              segment_ids=packed_segments(b, t) if case["segments"] else None)
+    attention = functools.partial(swa_gpu.swa_attention_gpu, scale=d ** -0.5,
+                                  fwd_kernel=fwd_kernel, **kw)
+    check_against_oracle(attention, case, q, k, v, do, **kw)
+
+
+def check_against_oracle(attention, case, q, k, v, do, **kw):
+    got = jax.jit(lambda *a: fwd_bwd(attention, *a))(q, k, v, do)
     want = jax.jit(lambda *a: oracle(*a, **kw))(q, k, v, do)
     for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
         assert g.dtype == jnp.bfloat16
