@@ -134,3 +134,40 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
             raise ConfigError(f"batch: global batch size {rows} is not divisible by data×fsdp = {n}; change train.batch_size or the mesh")
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
     return out
+
+
+# Dimension roles of per_shard: batch dimensions split over data × fsdp, head dimensions over tensor.
+SHARD_ROLES: dict[str, tuple[str, ...]] = {"b": BATCH_AXES, "h": ("tensor",)}
+
+
+def per_shard(fn, arrays: Mapping[str, jax.Array | None], dims: Mapping[str, str], out_dims):
+    """fn(**arrays), run once per shard of the ambient mesh (`jax.set_mesh`; the trainer sets it).
+
+    Pallas kernels are custom calls that XLA's SPMD partitioner cannot split: left to it, their
+    inputs are all-gathered and every device computes the whole batch. Kernels see only
+    independent (batch row, head) work, so they run on each device's rows and heads instead.
+    `dims[name]` gives each dimension of arrays[name] a role: 'b' (batch: data × fsdp), 'h'
+    (heads: tensor) or any other letter (kept whole). A role is split only where every
+    dimension playing it divides by its mesh size; otherwise it stays whole (replicated, still
+    correct). `out_dims` is a pytree of such strings matching fn's output (arrays only). None
+    entries of `arrays` are passed through as None. Without a mesh of several devices this is
+    fn(**arrays)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return fn(**arrays)
+    present = {n: a for n, a in arrays.items() if a is not None}
+    absent = {n: None for n, a in arrays.items() if a is None}
+    mesh_axes = {role: tuple(a for a in axes if a in mesh.shape) for role, axes in SHARD_ROLES.items()}
+    split = {}
+    for role, axes in mesh_axes.items():
+        size = math.prod(mesh.shape[a] for a in axes)
+        lengths = [a.shape[i] for n, a in present.items() for i, r in enumerate(dims[n]) if r == role]
+        split[role] = size > 1 and all(n % size == 0 for n in lengths)
+
+    def spec(roles: str) -> P:
+        return P(*[mesh_axes[r] if split.get(r) else None for r in roles])
+
+    in_specs = ({n: spec(dims[n]) for n in present},)
+    out_specs = jax.tree.map(spec, out_dims)
+    return jax.shard_map(lambda kw: fn(**kw, **absent), mesh=mesh, in_specs=in_specs,
+                         out_specs=out_specs, check_vma=False)(present)

@@ -4,6 +4,10 @@
     python scripts/bench_distill_step.py --out=DIR --logit_chunk=0  # the same with unchunked [B, T, V] logits
     python scripts/bench_distill_step.py --tiny --seq_len=128       # CPU smoke run of the same code
     python scripts/bench_distill_step.py --out=DIR --breakdown      # also time the step's parts alone
+    python scripts/bench_distill_step.py --out=DIR --batch=2        # on 2 GPUs: one row per device (fsdp)
+
+On several devices the trainer's default mesh puts them all on the fsdp axis (the batch and the
+parameters split over it); MFU is then of all their peaks together.
 
 The teacher is built from the Qwen3-0.6B config (random weights; speed does not depend on
 them) and the student is its Hybrid-KDA conversion (attention kept at {0,2,6,11,13,18,21}).
@@ -249,9 +253,10 @@ def main():
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     stats = jax.devices()[0].memory_stats() or {}
-    result = dict(device=kind, jax=jax.__version__, batch=args.batch, seq_len=args.seq_len, remat=args.remat,
-                  logit_chunk=args.logit_chunk, fused_conv=not args.xla_conv,
-                  tokens_per_s=tps, achieved_tflops=flops / 1e12, mfu=(flops / peak) if peak else None,
+    devices = jax.device_count()  # the trainer's default mesh puts every device on fsdp
+    result = dict(device=kind, devices=devices, jax=jax.__version__, batch=args.batch, seq_len=args.seq_len,
+                  remat=args.remat, logit_chunk=args.logit_chunk, fused_conv=not args.xla_conv,
+                  tokens_per_s=tps, achieved_tflops=flops / 1e12, mfu=(flops / (peak * devices)) if peak else None,
                   peak_memory_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None, layer_spec=spec)
     if args.breakdown:
         step_ms = 1e3 * args.batch * args.seq_len / tps

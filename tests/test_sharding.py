@@ -54,6 +54,10 @@ def test_sharded_step_on_8_devices_equals_one_device(tmp_path):
         assert abs(a - b) <= 1e-5 * abs(a)
     assert res["max_rel_param_err"] <= 1e-5
     assert res["params_changed"]
+    split, whole = res["per_shard"]["split"], res["per_shard"]["whole"]
+    assert split["max_err"] < 1e-5 and whole["max_err"] < 1e-5
+    assert split["shard_map"] and split["q_spec_split"] and not split["q_spec_whole"]
+    assert whole["shard_map"] and whole["q_spec_whole"] and not whole["q_spec_split"]
 
 
 def _main(out):
@@ -84,8 +88,44 @@ def _main(out):
     results["max_rel_param_err"] = max(float(np.sqrt(np.mean((params[8][p] - params[1][p]) ** 2)) / np.sqrt(np.mean(params[1][p] ** 2))) for p in p0)
     results["params_changed"] = all(not np.array_equal(params[1][p], p0[p]) for p in p0)
     results["devices"] = len(jax.devices())
+    results["per_shard"] = _per_shard_checks(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
     with open(f"{out}/result.json", "w") as f:
         json.dump(results, f)
+
+
+def _per_shard_checks(mesh):
+    """per_shard around the GPU SWA kernel (Pallas interpreter) under an 8-device mesh: its output
+    against the unsharded oracle, and the specs its shard_map got (batch 4 splits over
+    data×fsdp, 4 query / 2 kv heads over tensor; batch 3 and 3 kv heads stay whole)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from hybrid_jax.sharding import per_shard
+    from pallas_kernels.swa import swa_attention_reference
+    from pallas_kernels.swa.gpu import swa_attention_gpu
+
+    def attend(q, k, v, seg):
+        fn = functools.partial(swa_attention_gpu, window=5, sinks=1, scale=0.35, interpret=True)
+        return per_shard(fn, dict(q=q, k=k, v=v, segment_ids=seg),
+                         dict(q="bthd", k="bthd", v="bthd", segment_ids="bt"), "bthd")
+
+    out = {}
+    for name, (b, hq, hkv) in {"split": (4, 4, 2), "whole": (3, 6, 3)}.items():
+        ks = jax.random.split(jax.random.key(0), 3)
+        q = jax.random.normal(ks[0], (b, 16, hq, 8))
+        k, v = (jax.random.normal(key, (b, 16, hkv, 8)) for key in ks[1:])
+        seg = jnp.ones((b, 16), jnp.int32).at[:, 9:].set(2)
+        with jax.set_mesh(mesh):
+            got = jax.jit(attend)(q, k, v, seg)
+            jaxpr = str(jax.make_jaxpr(attend)(q, k, v, seg))
+        want = swa_attention_reference(q, k, v, window=5, sinks=1, segment_ids=seg, scale=0.35)
+        out[name] = {"max_err": float(jnp.abs(got - want).max()),
+                     "shard_map": "shard_map" in jaxpr,
+                     "q_spec_split": "P(('data', 'fsdp'), None, 'tensor', None)" in jaxpr,
+                     "q_spec_whole": "P(None, None, None, None)" in jaxpr}
+    return out
 
 
 if __name__ == "__main__":

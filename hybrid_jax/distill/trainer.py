@@ -207,6 +207,12 @@ class Trainer:
     # ------------------------------------------------------------------ run
 
     def run(self) -> dict:
+        # The ambient mesh lets the layers run their Pallas kernels per device shard
+        # (sharding.per_shard) inside the jitted steps.
+        with jax.set_mesh(self.mesh):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.config
         mesh = self.mesh
         graphdef, p_state, rest = nnx.split(self.student, nnx.Param, ...)

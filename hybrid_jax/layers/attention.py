@@ -8,6 +8,7 @@ GPU. `Attention.window` (None = full) makes the same layer a sliding-window mixe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -18,6 +19,7 @@ from hybrid_jax.layers.norms import RMSNorm
 from hybrid_jax.layers.params import param
 from hybrid_jax.layers.rope import apply_rope, rope_frequencies
 from hybrid_jax.models import cache as cache_lib
+from hybrid_jax.sharding import per_shard
 
 # "auto": `self_attention` uses the Pallas flash kernel on GPU (head_dim a power of two >= 16) and
 # masked jnp elsewhere; "xla": masked jnp everywhere (the path the CPU tests check against transformers).
@@ -107,8 +109,10 @@ def self_attention(q, k, v, *, segment_ids, window=None, scale):
     if _use_kernel(q):
         from pallas_kernels.swa import swa_attention
 
-        o = swa_attention(q, k.astype(q.dtype), v.astype(q.dtype), window=min(window or t, t),
-                          segment_ids=segment_ids.astype(jnp.int32), scale=float(scale))
+        attend = functools.partial(swa_attention, window=min(window or t, t), scale=float(scale))
+        o = per_shard(attend, dict(q=q, k=k.astype(q.dtype), v=v.astype(q.dtype),
+                                   segment_ids=segment_ids.astype(jnp.int32)),
+                      dict(q="bthd", k="bthd", v="bthd", segment_ids="bt"), "bthd")
         return jnp.where((segment_ids != 0)[:, :, None, None], o, 0).astype(q.dtype)
     index = jnp.arange(t, dtype=jnp.int32)
     return attention_core(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,

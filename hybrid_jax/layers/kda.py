@@ -37,6 +37,7 @@ from flax import nnx
 from hybrid_jax.layers.norms import RMSNorm
 from hybrid_jax.layers.params import param
 from hybrid_jax.layers.short_conv import ACTIVATIONS, ShortConv, append_to_state
+from hybrid_jax.sharding import per_shard
 from pallas_kernels.kda import chunk_kda, fused_recurrent_kda, kda_gate, resolve_backend
 from pallas_kernels.kda.short_conv import short_conv_norm
 
@@ -159,14 +160,33 @@ class KDA(nnx.Module):
         prefill into an empty one); with a cache also the new conv state and its segment ids,
         as causal_short_conv returns them: the last kernel-1 rows of [old state, x W]."""
         z, bias = self._projection_and_bias(name, x)
-        y = short_conv_norm(z, getattr(self, f"{name}_conv").weight[...], segment_ids, bias=bias,
-                            activation=self.conv_activation, normalize=normalize, scale=scale,
-                            interpret=interpret)
+        conv = functools.partial(short_conv_norm, activation=self.conv_activation, normalize=normalize,
+                                 scale=scale, interpret=interpret)
+        y = per_shard(conv, dict(z=z, weight=getattr(self, f"{name}_conv").weight[...],
+                                 segment_ids=segment_ids, bias=bias),
+                      dict(z="bthd", weight="khd", segment_ids="bt", bias="hd"), "bthd")
         if not c:
             return y, None, None
         t = z.shape[1]
         zs, ids = append_to_state(z, segment_ids, c[f"{name}_conv"], c["conv_segment_ids"])
         return y, zs[:, t:], ids[:, t:]
+
+    def _recurrence(self, op, arrays, *, output_final_state, **kw):
+        """(o, final state or None) of the chunked / recurrent op, per device shard under a mesh
+        (batch rows and heads are independent)."""
+        def run(**a):
+            o, final = op(**a, output_final_state=output_final_state, chunk_size=self.chunk_size,
+                          backend=self.backend, **kw)
+            return (o, final) if output_final_state else o
+
+        # g and dt_bias per channel ([B,T,H,K], [H,K]) or per head ([B,T,H], [H]: gdn)
+        dims = dict(q="bthk", k="bthk", v="bthv", beta="bth", initial_state="bhkv", segment_ids="bt",
+                    A_log="h", g="bthk"[:arrays["g"].ndim])
+        if "dt_bias" in arrays:
+            dims["dt_bias"] = "hk"[:arrays["dt_bias"].ndim]
+        out = per_shard(run, arrays, dims,
+                        ("bthv", "bhkv") if output_final_state else "bthv")
+        return out if output_final_state else (out, None)
 
     def _fusable(self, backend):
         hd = self.head_dim
@@ -179,10 +199,9 @@ class KDA(nnx.Module):
         c = cache or {}
         backend = resolve_backend(self.backend)
         if self.gate == "channel":  # the ops apply kda_gate (on GPU fused with the chunk cumsum)
-            g, gate_kw = self.raw_gate(x), dict(use_gate_in_kernel=True, A_log=self.A_log[...],
-                                                dt_bias=self.dt_bias[...])
+            g, gate_arrays, gate_kw = self.raw_gate(x), dict(A_log=self.A_log[...], dt_bias=self.dt_bias[...]), dict(use_gate_in_kernel=True)
         else:
-            g, gate_kw = self.log_decay(x), {}
+            g, gate_arrays, gate_kw = self.log_decay(x), {}, {}
         beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, self._w(self.b_proj)).astype(jnp.float32))
         state = None
         if cache is not None:
@@ -210,9 +229,9 @@ class KDA(nnx.Module):
             if self.num_kv_heads != self.num_heads:  # GQA: query head h reads key/value head h // groups
                 groups = self.num_heads // self.num_kv_heads
                 k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-            o, final = op(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
-                          segment_ids=segment_ids, chunk_size=self.chunk_size, backend=self.backend,
-                          **qk_kw, **gate_kw)
+            o, final = self._recurrence(op, dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=state,
+                                                 segment_ids=segment_ids, **gate_arrays),
+                                        output_final_state=cache is not None, **qk_kw, **gate_kw)
             return o, final, (q_state, k_state, v_state, q_ids)
 
         if not self._fusable(backend) or (cache is not None and t == 1):

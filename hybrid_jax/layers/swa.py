@@ -12,10 +12,13 @@ them between steps (each distinct value compiles once).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.attention import Attention, masked_softmax_attend
+from hybrid_jax.sharding import per_shard
 from pallas_kernels.swa import swa_attention
 
 # Upper bound on one query chunk's float32 score tensor on the cached multi-token path.
@@ -52,16 +55,19 @@ class SlidingWindowAttention(Attention):
         check_window(self.window, self.sinks, "SlidingWindowAttention")
         q, k, v = self.project_qkv(x, positions)
         if cache is None:
-            o = swa_attention(q, k, v, window=self.window, sinks=self.sinks, segment_ids=segment_ids,
-                              scale=self.scale, backend=self.backend)
-            return self.output(o), None
+            return self.output(self._attend(q, k, v, segment_ids)), None
         # A fresh cache (prefill) computes exactly the cache-free forward with the kernel.
         o = jax.lax.cond(cache["index"] == 0,
-                         lambda: swa_attention(q, k, v, window=self.window, sinks=self.sinks,
-                                               segment_ids=segment_ids, scale=self.scale,
-                                               backend=self.backend).astype(jnp.float32),
+                         lambda: self._attend(q, k, v, segment_ids).astype(jnp.float32),
                          lambda: self._attend_cached(q, k, v, segment_ids, cache))
         return self.output(o.astype(q.dtype)), self._write(cache, k, v, segment_ids)
+
+    def _attend(self, q, k, v, segment_ids):
+        """The cache-free attention through swa_attention, per device shard under a mesh."""
+        attend = functools.partial(swa_attention, window=self.window, sinks=self.sinks,
+                                   scale=self.scale, backend=self.backend)
+        return per_shard(attend, dict(q=q, k=k, v=v, segment_ids=segment_ids),
+                         dict(q="bthd", k="bthd", v="bthd", segment_ids="bt"), "bthd")
 
     # -- cache -------------------------------------------------------------------------------
 

@@ -158,6 +158,8 @@ def _kernel(meta_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + p.sum(axis=1)
             p16 = p.astype(q_smem.dtype)
+            # The softmax must be computed before the arrival below tells the other warpgroup
+            # that the tensor cores are free.
             acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
             plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may multiply
             plgpu.barrier_wait(v_loaded.at[slot])
