@@ -199,7 +199,8 @@ class KDA(nnx.Module):
         c = cache or {}
         backend = resolve_backend(self.backend)
         if self.gate == "channel":  # the ops apply kda_gate (on GPU fused with the chunk cumsum)
-            g, gate_arrays, gate_kw = self.raw_gate(x), dict(A_log=self.A_log[...], dt_bias=self.dt_bias[...]), dict(use_gate_in_kernel=True)
+            g, gate_kw = self.raw_gate(x), dict(use_gate_in_kernel=True)
+            gate_arrays = dict(A_log=self.A_log[...], dt_bias=self.dt_bias[...])
         else:
             g, gate_arrays, gate_kw = self.log_decay(x), {}, {}
         beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, self._w(self.b_proj)).astype(jnp.float32))
