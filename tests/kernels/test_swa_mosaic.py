@@ -83,6 +83,14 @@ def test_forward_and_triton_backward_lower_for_cuda(window, sinks, segments, hkv
     assert "mosaic_gpu" in text and "triton" in text  # Mosaic forward, Triton backward kernels
 
 
+@pytest.mark.parametrize("block_kv,stages", [(128, 2), (64, 3), (64, 4)])  # bench_swa.py --sweep's
+def test_swept_configs_lower_for_cuda(block_kv, stages):
+    starts = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+    fn = jax.jit(functools.partial(mg.swa_forward_mosaic, window=256, sinks=2, scale=0.088,
+                                   block_kv=block_kv, stages=stages))
+    assert "mosaic_gpu" in jax.export.export(fn, platforms=("cuda",))(*shapes(), starts).mlir_module()
+
+
 def test_stages_beyond_shared_memory_are_refused():
     q, k, v = shapes()
     starts = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
