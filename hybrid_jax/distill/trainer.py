@@ -20,6 +20,7 @@ equals an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -207,9 +208,10 @@ class Trainer:
     # ------------------------------------------------------------------ run
 
     def run(self) -> dict:
-        # The ambient mesh lets the layers run their Pallas kernels per device shard
-        # (sharding.per_shard) inside the jitted steps.
-        with jax.set_mesh(self.mesh):
+        # On several devices the ambient mesh lets the layers run their Pallas kernels per device
+        # shard (sharding.per_shard) inside the jitted steps; one device needs no mesh for that.
+        several = self.mesh.devices.size > 1
+        with jax.set_mesh(self.mesh) if several else contextlib.nullcontext():
             return self._run()
 
     def _run(self) -> dict:
