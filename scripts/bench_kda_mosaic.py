@@ -50,19 +50,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu_mgpu
 
 from pallas_kernels.kda import chunk_gpu as cg
+from pallas_kernels.swa.mosaic_gpu import swizzled_tiling
 
 # (bytes/s, dense bf16 FLOP/s): the datasheet HBM rate the lead asked for on the H200, the
 # datasheet rate on the H100; the matmul rates measured on these cards (KINDS.md).
 FLOORS = {"H200": (4.8e12, 790e12), "H100": (3.35e12, 798e12)}
-
-
-def _swizzled(dtype, minor):
-    """Tiling + swizzle of a shared-memory block whose last dim has `minor` elements: the
-    layout wgmma reads its B operand from, and the one the register loads expect."""
-    bits = jnp.dtype(dtype).itemsize * 8
-    swizzle = plgpu_mgpu.find_swizzle(minor * bits)
-    return (plgpu_mgpu.TilingTransform((8, swizzle * 8 // bits)),
-            plgpu_mgpu.SwizzleTransform(swizzle))
 
 
 def _out_step(_, q_ref, g_ref, p_ref, h_ref, vn_ref, o_ref):
@@ -105,7 +97,7 @@ def out_fwd_mosaic(q, G, p, h, vn, *, C=64, bv=64, steps=2, inner=16, semantics=
         n = lambda ni: no * inner + ni
 
         def spec(block, index, dtype):
-            return plgpu_mgpu.BlockSpec(block, index, transforms=_swizzled(dtype, block[-1]))
+            return plgpu_mgpu.BlockSpec(block, index, transforms=swizzled_tiling(dtype, block[-1]))
 
         tok = lambda width, col, dtype: spec((None, C, None, width),
                                              lambda ni: (b, n(ni), hh, col), dtype)

@@ -162,7 +162,7 @@ def sweep(q, k, v, do, window, repeats):
     triton_fwd = [dict(o, fwd_kernel="triton") for o in opts("", [
         (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 128, 4, 2)])]
     stages = [
-        (mosaic if swa_gpu._is_hopper() else triton_fwd, "fwd"),
+        (mosaic if swa_gpu.is_hopper() else triton_fwd, "fwd"),
         (opts("dq_", [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
                       (64, 64, 4, 3), (128, 32, 4, 2)]), "fwd+bwd"),
         (opts("dkv_", [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2),

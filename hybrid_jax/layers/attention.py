@@ -99,6 +99,16 @@ def _use_kernel(q) -> bool:
             and d >= 16 and d & (d - 1) == 0)
 
 
+def swa_attention_per_shard(q, k, v, segment_ids, **kwargs):
+    """pallas_kernels.swa.swa_attention(q, k, v, segment_ids=..., **kwargs), run per device shard
+    under a mesh (sharding.per_shard: batch rows and heads are independent)."""
+    from pallas_kernels.swa import swa_attention
+
+    return per_shard(functools.partial(swa_attention, **kwargs),
+                     dict(q=q, k=k, v=v, segment_ids=segment_ids),
+                     dict(q="bthd", k="bthd", v="bthd", segment_ids="bt"), "bthd")
+
+
 def self_attention(q, k, v, *, segment_ids, window=None, scale):
     """Causal attention of a sequence over itself (no cache); padded queries (segment 0) return 0.
 
@@ -107,12 +117,8 @@ def self_attention(q, k, v, *, segment_ids, window=None, scale):
     """
     t = q.shape[1]
     if _use_kernel(q):
-        from pallas_kernels.swa import swa_attention
-
-        attend = functools.partial(swa_attention, window=min(window or t, t), scale=float(scale))
-        o = per_shard(attend, dict(q=q, k=k.astype(q.dtype), v=v.astype(q.dtype),
-                                   segment_ids=segment_ids.astype(jnp.int32)),
-                      dict(q="bthd", k="bthd", v="bthd", segment_ids="bt"), "bthd")
+        o = swa_attention_per_shard(q, k.astype(q.dtype), v.astype(q.dtype), segment_ids.astype(jnp.int32),
+                                    window=min(window or t, t), scale=float(scale))
         return jnp.where((segment_ids != 0)[:, :, None, None], o, 0).astype(q.dtype)
     index = jnp.arange(t, dtype=jnp.int32)
     return attention_core(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,

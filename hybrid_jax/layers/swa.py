@@ -12,14 +12,10 @@ them between steps (each distinct value compiles once).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.layers.attention import Attention, masked_softmax_attend
-from hybrid_jax.sharding import per_shard
-from pallas_kernels.swa import swa_attention
+from hybrid_jax.layers.attention import Attention, masked_softmax_attend, swa_attention_per_shard
 
 # Upper bound on one query chunk's float32 score tensor on the cached multi-token path.
 _MAX_SCORE_BYTES = 1 << 28
@@ -63,11 +59,9 @@ class SlidingWindowAttention(Attention):
         return self.output(o.astype(q.dtype)), self._write(cache, k, v, segment_ids)
 
     def _attend(self, q, k, v, segment_ids):
-        """The cache-free attention through swa_attention, per device shard under a mesh."""
-        attend = functools.partial(swa_attention, window=self.window, sinks=self.sinks,
-                                   scale=self.scale, backend=self.backend)
-        return per_shard(attend, dict(q=q, k=k, v=v, segment_ids=segment_ids),
-                         dict(q="bthd", k="bthd", v="bthd", segment_ids="bt"), "bthd")
+        """The cache-free attention through the kernel (per device shard under a mesh)."""
+        return swa_attention_per_shard(q, k, v, segment_ids, window=self.window, sinks=self.sinks,
+                                       scale=self.scale, backend=self.backend)
 
     # -- cache -------------------------------------------------------------------------------
 

@@ -23,6 +23,19 @@ LOG2E = 1.4426950408889634
 MASK_VALUE = -1e30
 
 
+def visible(qpos, kpos, qstart, window, sinks, full_causal=False):
+    """The rule of reference.py on broadcastable in-kernel arrays of query positions, key
+    positions and the queries' document starts; `full_causal` (window >= T, no sinks) skips the
+    window test."""
+    vis = (kpos >= qstart) & (kpos <= qpos)
+    if full_causal and not sinks:
+        return vis
+    near = qpos - kpos < window
+    if sinks:
+        near = near | (kpos < qstart + sinks)
+    return vis & near
+
+
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 

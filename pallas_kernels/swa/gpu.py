@@ -27,6 +27,7 @@ from pallas_kernels.swa.common import (
     pad_time,
     padded_starts,
     round_up,
+    visible,
 )
 
 F32 = jnp.float32
@@ -38,32 +39,17 @@ def _dot(a, b, dims=_NN):
     return lax.dot_general(a, b, dims, preferred_element_type=F32)
 
 
-def _cdiv(a, b):
-    return lax.div(a + (b - 1), b)
-
-
-def _visible(qpos, kpos, qstart, window, sinks, full_causal):
-    """qpos/qstart broadcast against kpos; the rule of reference.py."""
-    vis = (kpos >= qstart) & (kpos <= qpos)
-    if full_causal and not sinks:
-        return vis
-    near = qpos - kpos < window
-    if sinks:
-        near = near | (kpos < qstart + sinks)
-    return vis & near
-
-
 def _query_block_loops(q0, first, last, body, carry, *, bq, bk, nk, window, sinks):
     """Runs body(j, carry, masked) over the key blocks query block [q0, q0+bq) needs."""
     q1 = q0 + bq
     lo_blk = lax.div(jnp.maximum(q0 - window + 1, first), bk)
-    hi_blk = jnp.minimum(_cdiv(q1, bk), nk)
-    full_lo = jnp.clip(_cdiv(jnp.maximum(q1 - window, last), bk), lo_blk, hi_blk)
+    hi_blk = jnp.minimum(pl.cdiv(q1, bk), nk)
+    full_lo = jnp.clip(pl.cdiv(jnp.maximum(q1 - window, last), bk), lo_blk, hi_blk)
     full_hi = jnp.clip(lax.div(q0 + 1, bk), full_lo, hi_blk)
     masked = functools.partial(body, masked=True)
     if sinks:
         sb0 = lax.div(first, bk)
-        sb1 = jnp.minimum(_cdiv(first + sinks, bk), lo_blk)
+        sb1 = jnp.minimum(pl.cdiv(first + sinks, bk), lo_blk)
         carry = lax.fori_loop(sb0, sb1, masked, carry)
     carry = lax.fori_loop(lo_blk, full_lo, masked, carry)
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
@@ -84,7 +70,7 @@ def _fwd_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale2, wind
         s = _dot(q, k, _NT)  # unscaled: scale2 > 0 commutes with max, and folds into the FMA
         if masked:
             kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-            s = jnp.where(_visible(qpos, kpos, qstart[:, None], window, sinks, full_causal),
+            s = jnp.where(visible(qpos, kpos, qstart[:, None], window, sinks, full_causal),
                           s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1) * scale2)
         alpha = jnp.exp2(m - m_new)
@@ -117,7 +103,7 @@ def _dq_kernel(starts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_r
         s = _dot(q, k, _NT)
         if masked:
             kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-            s = jnp.where(_visible(qpos, kpos, qstart[:, None], window, sinks, full_causal),
+            s = jnp.where(visible(qpos, kpos, qstart[:, None], window, sinks, full_causal),
                           s, MASK_VALUE)
         p = jnp.exp2(s * scale2 - lse)
         ds = p * (_dot(do, v, _NT) - delta)
@@ -139,8 +125,8 @@ def _dkdv_kernel(starts_ref, qend_ref, fullend_ref, q_ref, k_ref, v_ref, do_ref,
     kpos = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
     # Query blocks [lo, hi) see this key block; [full_lo, full_hi) see all of it.
     lo = lax.div(k0, bq)
-    hi = jnp.minimum(_cdiv(qend_ref[j], bq), nq)
-    full_lo = jnp.clip(_cdiv(k0 + bk - 1, bq), lo, hi)
+    hi = jnp.minimum(pl.cdiv(qend_ref[j], bq), nq)
+    full_lo = jnp.clip(pl.cdiv(k0 + bk - 1, bq), lo, hi)
     full_hi = jnp.clip(lax.div(fullend_ref[j], bq), full_lo, hi)
 
     def make_body(g):
@@ -154,7 +140,7 @@ def _dkdv_kernel(starts_ref, qend_ref, fullend_ref, q_ref, k_ref, v_ref, do_ref,
             if masked:
                 qpos = i * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
                 qstart = starts_ref[pl.ds(i * bq, bq)][None, :]
-                st = jnp.where(_visible(qpos, kpos, qstart, window, sinks, full_causal),
+                st = jnp.where(visible(qpos, kpos, qstart, window, sinks, full_causal),
                                st, MASK_VALUE)
             pt = jnp.exp2(st * scale2 - lse)
             dv = dv + _dot(pt.astype(do.dtype), do)
@@ -280,7 +266,7 @@ BLOCK_KEYS = ("block_q", "block_k", "dq_block_q", "dq_block_k", "dkv_block_q", "
               "mosaic_block_kv")
 
 
-def _is_hopper():
+def is_hopper():
     device = jax.devices()[0]
     capability = str(getattr(device, "compute_capability", ""))
     return device.platform == "gpu" and (capability.startswith("9.")
@@ -302,7 +288,7 @@ def forward_kernel(requested, dtype, head_dim, interpret):
                          f"call with bf16/fp16 inputs and head_dim 128, got {jnp.dtype(dtype).name}, "
                          f"head_dim {head_dim}, interpret={interpret}")
     if requested == "auto":
-        return "mosaic" if fits and not interpret and _is_hopper() else "triton"
+        return "mosaic" if fits and not interpret and is_hopper() else "triton"
     return requested
 
 

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.swa.common import LOG2E, MASK_VALUE
+from pallas_kernels.swa.common import LOG2E, MASK_VALUE, visible
 
 F32 = jnp.float32
 COMPUTE_WARPGROUPS = 2
@@ -59,10 +59,6 @@ def _load_rows(ref):
     return plgpu.load(ref, layout=layout)
 
 
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
 def tile_table(starts, *, window, sinks, block_q, block_kv):
     """int32 [B, n_tiles, META_WIDTH]: the key-block ranges of each query tile (see LO...)."""
     b, tp = starts.shape
@@ -71,32 +67,27 @@ def tile_table(starts, *, window, sinks, block_q, block_kv):
     c0 = jnp.arange(0, tp, rows, dtype=jnp.int32)[None, :]
     first = starts[:, ::rows]
     lo = jnp.maximum(c0 - window + 1, first) // block_kv
-    hi = jnp.minimum(_cdiv(c0 + rows, block_kv), nk) + jnp.zeros_like(lo)
+    hi = jnp.minimum(pl.cdiv(c0 + rows, block_kv), nk) + jnp.zeros_like(lo)
     sink_lo = first // block_kv
     if sinks:
-        n_sink = jnp.clip(jnp.minimum(_cdiv(first + sinks, block_kv), lo) - sink_lo, 0, None)
+        n_sink = jnp.clip(jnp.minimum(pl.cdiv(first + sinks, block_kv), lo) - sink_lo, 0, None)
     else:
         n_sink = jnp.zeros_like(lo)
     cols = [lo, hi, sink_lo, n_sink]
     for w in range(COMPUTE_WARPGROUPS):
         qw = c0 + w * block_q
         last = starts[:, block_q * (w + 1) - 1::rows]
-        full_lo = jnp.clip(_cdiv(jnp.maximum(qw + block_q - window, last), block_kv), lo, hi)
+        full_lo = jnp.clip(pl.cdiv(jnp.maximum(qw + block_q - window, last), block_kv), lo, hi)
         cols += [full_lo, jnp.clip((qw + 1) // block_kv, full_lo, hi)]
     return jnp.stack(cols, axis=-1).astype(jnp.int32)
 
 
-def _swizzle(dtype, minor):
+def swizzled_tiling(dtype, minor):
+    """Tiling + swizzle transforms of a shared-memory block whose last dim has `minor`
+    elements: the layout wgmma reads its operands from and the TMA engine writes."""
     bits = jnp.dtype(dtype).itemsize * 8
     swizzle = plgpu.find_swizzle(minor * bits)
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-
-
-def _visible(qpos, kpos, qstart, window, sinks):
-    vis = (kpos >= qstart) & (kpos <= qpos) & (qpos - kpos < window)
-    if sinks:
-        vis = vis | ((kpos >= qstart) & (kpos <= qpos) & (kpos < qstart + sinks))
-    return vis
 
 
 def _kernel(meta_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, scale2,
@@ -151,7 +142,7 @@ def _kernel(meta_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *
             plgpu.barrier_arrive(k_released.at[slot])
             if masked:
                 kpos = block_of(i) * bk + col
-                s = jnp.where(_visible(qpos, kpos, qstart, window, sinks), s, MASK_VALUE)
+                s = jnp.where(visible(qpos, kpos, qstart, window, sinks), s, MASK_VALUE)
             m_new = jnp.maximum(m, s.max(axis=1) * scale2)
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -231,7 +222,7 @@ def swa_forward_mosaic(q, k, v, starts, *, window, sinks, scale, block_q=64, blo
     meta = tile_table(starts, window=window, sinks=sinks, block_q=block_q, block_kv=block_kv)
 
     def entry(meta_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-        tiled = _swizzle(q.dtype, d)
+        tiled = swizzled_tiling(q.dtype, d)
         scratch = (
             plgpu.SMEM((COMPUTE_WARPGROUPS, block_q, d), q.dtype, transforms=tiled),
             plgpu.SMEM((stages, block_kv, d), q.dtype, transforms=tiled),

@@ -27,6 +27,7 @@ from pallas_kernels.swa.common import (
     pad_time,
     padded_starts,
     round_up,
+    visible,
 )
 
 F32 = jnp.float32
@@ -35,13 +36,6 @@ _NT = (((1,), (1,)), ((), ()))
 
 def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
     return lax.dot_general(a, b, dims, preferred_element_type=F32)
-
-
-def _visible(qpos, kpos, qstart, window, sinks):
-    near = qpos - kpos < window
-    if sinks:
-        near = near | (kpos < qstart + sinks)
-    return (kpos >= qstart) & (kpos <= qpos) & near
 
 
 def _key_tables(starts, *, window, sinks, bq, bk):
@@ -96,7 +90,7 @@ def _fwd_kernel(tbl_ref, cnt_ref, qstart_ref, q_ref, k_ref, v_ref, o_ref, lse_re
         qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         kpos = tbl_ref[b, i, s] * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         sc = _dot(q_ref[...], k_ref[...], _NT)
-        sc = jnp.where(_visible(qpos, kpos, qstart_ref[...], window, sinks), sc, MASK_VALUE)
+        sc = jnp.where(visible(qpos, kpos, qstart_ref[...], window, sinks), sc, MASK_VALUE)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, sc.max(axis=1, keepdims=True) * scale)
         alpha = jnp.exp(m_prev - m_new)
@@ -125,7 +119,7 @@ def _dq_kernel(tbl_ref, cnt_ref, qstart_ref, q_ref, k_ref, v_ref, do_ref, lse_re
         kpos = tbl_ref[b, i, s] * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         k = k_ref[...]
         sc = _dot(q_ref[...], k, _NT)
-        sc = jnp.where(_visible(qpos, kpos, qstart_ref[...], window, sinks), sc, MASK_VALUE)
+        sc = jnp.where(visible(qpos, kpos, qstart_ref[...], window, sinks), sc, MASK_VALUE)
         p = jnp.exp(sc * scale - lse_ref[...])
         ds = p * (_dot(do_ref[...], v_ref[...], _NT) - delta_ref[...])
         dq_sc[...] += _dot(ds.astype(k.dtype), k)
@@ -150,7 +144,7 @@ def _dkdv_kernel(tbl_ref, cnt_ref, qstart_ref, q_ref, k_ref, v_ref, do_ref, lse_
         qpos = tbl_ref[b, j, s] * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
         q, do = q_ref[...], do_ref[...]
         st = _dot(k_ref[...], q, _NT)  # [bk, bq]: keys on rows, queries on lanes
-        st = jnp.where(_visible(qpos, kpos, qstart_ref[...], window, sinks), st, MASK_VALUE)
+        st = jnp.where(visible(qpos, kpos, qstart_ref[...], window, sinks), st, MASK_VALUE)
         pt = jnp.exp(st * scale - lse_ref[...])
         dv_sc[...] += _dot(pt.astype(do.dtype), do)
         dst = pt * (_dot(v_ref[...], do, _NT) - delta_ref[...])

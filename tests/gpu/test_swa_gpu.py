@@ -79,7 +79,7 @@ def test_bf16_matches_fp32_oracle(backend, case, d):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "w{window}-s{sinks}-seg{segments}".format(**c))
 def test_both_forward_kernels_match_fp32_oracle(fwd_kernel, case):
     # Mosaic GPU needs Hopper, bf16/fp16 and head_dim 128; the backward is Triton in both.
-    if fwd_kernel == "mosaic" and not swa_gpu._is_hopper():
+    if fwd_kernel == "mosaic" and not swa_gpu.is_hopper():
         pytest.skip("the Mosaic GPU forward is for Hopper GPUs")
     b, t, hq, hkv, d = 2, 1000, 4, 2, 128
     q, k, v, do = inputs(b, t, hq, hkv, d)
