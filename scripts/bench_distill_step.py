@@ -257,7 +257,8 @@ def main():
     result = dict(device=kind, devices=devices, jax=jax.__version__, batch=args.batch, seq_len=args.seq_len,
                   remat=args.remat, logit_chunk=args.logit_chunk, fused_conv=not args.xla_conv,
                   tokens_per_s=tps, achieved_tflops=flops / 1e12, mfu=(flops / (peak * devices)) if peak else None,
-                  peak_memory_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None, layer_spec=spec)
+                  peak_memory_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None, layer_spec=spec,
+                  loss_means=[r.get("loss_mean") for r in rows])
     if args.breakdown:
         step_ms = 1e3 * args.batch * args.seq_len / tps
         result["breakdown"] = [dict(part="whole trainer step", count=1, ms=step_ms)]
