@@ -136,8 +136,46 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     return out
 
 
-# Dimension roles of per_shard: batch dimensions split over data × fsdp, head dimensions over tensor.
+# Dimension roles of per_shard and constrain: batch dimensions split over data × fsdp, head
+# (and vocabulary) dimensions over tensor.
 SHARD_ROLES: dict[str, tuple[str, ...]] = {"b": BATCH_AXES, "h": ("tensor",)}
+
+
+def _multi_device_mesh():
+    """The ambient mesh (`jax.set_mesh`) when it spans several devices, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or math.prod(mesh.shape.values()) == 1 else mesh
+
+
+def _role_specs(mesh, arrays: Mapping[str, jax.Array], dims: Mapping[str, str]):
+    """spec(roles) -> PartitionSpec: a role is split over its mesh axes only where every
+    dimension of `arrays` playing it divides by their size."""
+    mesh_axes = {role: tuple(a for a in axes if a in mesh.shape) for role, axes in SHARD_ROLES.items()}
+    split = {}
+    for role, axes in mesh_axes.items():
+        size = math.prod(mesh.shape[a] for a in axes)
+        lengths = [a.shape[i] for n, a in arrays.items() for i, r in enumerate(dims[n]) if r == role]
+        split[role] = size > 1 and all(n % size == 0 for n in lengths)
+
+    def spec(roles: str) -> P:
+        return P(*[mesh_axes[r] if split.get(r) else None for r in roles])
+
+    return spec
+
+
+def constrain(x: jax.Array, roles: str) -> jax.Array:
+    """x pinned to its dimensions' roles ('b', 'h' or whole, as in `per_shard`) under the
+    ambient mesh; x itself without a mesh of several devices.
+
+    Parameters shard their embedding dimension over fsdp. Left unconstrained, XLA's SPMD
+    partitioner may contract that sharded dimension in place, gathering the batch and
+    reducing partial sums at every matmul, so each device works on every row (measured on two
+    H200s: no faster than one). Pinning the residual stream to batch rows makes it gather
+    the parameters instead (FSDP)."""
+    mesh = _multi_device_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, _role_specs(mesh, {"x": x}, {"x": roles})(roles))
 
 
 def per_shard(fn, arrays: Mapping[str, jax.Array | None], dims: Mapping[str, str], out_dims):
@@ -152,21 +190,12 @@ def per_shard(fn, arrays: Mapping[str, jax.Array | None], dims: Mapping[str, str
     correct). `out_dims` is a pytree of such strings matching fn's output (arrays only). None
     entries of `arrays` are passed through as None. Without a mesh of several devices this is
     fn(**arrays)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    mesh = _multi_device_mesh()
+    if mesh is None:
         return fn(**arrays)
     present = {n: a for n, a in arrays.items() if a is not None}
     absent = {n: None for n, a in arrays.items() if a is None}
-    mesh_axes = {role: tuple(a for a in axes if a in mesh.shape) for role, axes in SHARD_ROLES.items()}
-    split = {}
-    for role, axes in mesh_axes.items():
-        size = math.prod(mesh.shape[a] for a in axes)
-        lengths = [a.shape[i] for n, a in present.items() for i, r in enumerate(dims[n]) if r == role]
-        split[role] = size > 1 and all(n % size == 0 for n in lengths)
-
-    def spec(roles: str) -> P:
-        return P(*[mesh_axes[r] if split.get(r) else None for r in roles])
-
+    spec = _role_specs(mesh, present, dims)
     in_specs = ({n: spec(dims[n]) for n in present},)
     out_specs = jax.tree.map(spec, out_dims)
     return jax.shard_map(lambda kw: fn(**kw, **absent), mesh=mesh, in_specs=in_specs,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.config import LOSS_KINDS, ConfigError
+from hybrid_jax.models.qwen3 import lm_head_logits
 
 
 def token_mask(batch) -> jax.Array:
@@ -203,11 +204,6 @@ class LogitLoss:
         metrics = {kind: values[i] for i, (kind, _) in enumerate(self.terms)}
         metrics.update(loss=loss, target_tokens=jnp.sum(mask))
         return loss, metrics
-
-
-def lm_head_logits(hidden, head, dtype=jnp.float32):
-    """DecoderLM.logits with the projection as an argument: `dtype` matmul, float32 result."""
-    return jnp.einsum("...d,dv->...v", hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype):

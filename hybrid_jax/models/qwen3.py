@@ -24,6 +24,7 @@ from hybrid_jax.layers.mlp import SwiGLU
 from hybrid_jax.layers.norms import RMSNorm
 from hybrid_jax.layers.params import param
 from hybrid_jax.layers.rope import ROPE_TYPES, rope_type
+from hybrid_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -172,6 +173,13 @@ class ModelOutput(NamedTuple):
     mixer_outputs: tuple[jax.Array, ...] | None  # each mixer's output (before the residual add)
 
 
+def lm_head_logits(hidden, head, dtype=jnp.float32):
+    """hidden [B, ..., D] @ head [D, V] as a `dtype` matmul, float32 logits; under a mesh split
+    by batch rows and over the vocabulary on the tensor axis."""
+    logits = jnp.einsum("...d,dv->...v", hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, "b" + "." * (logits.ndim - 2) + "h")
+
+
 class DecoderBlock(nnx.Module):
     """`x + mixer(input_norm(x))`, then `x + mlp(post_attention_norm(x))`."""
 
@@ -182,11 +190,12 @@ class DecoderBlock(nnx.Module):
         self.post_attention_norm = post_attention_norm
 
     def __call__(self, x, *, positions, segment_ids, cache=None):
-        """Returns (x_out, new_cache, mixer_input, mixer_output)."""
-        h = self.input_norm(x)
+        """Returns (x_out, new_cache, mixer_input, mixer_output). Under a mesh every [B, T, D]
+        activation stays split by batch rows (`sharding.constrain`)."""
+        h = constrain(self.input_norm(x), "btd")
         y, new_cache = self.mixer(h, positions=positions, segment_ids=segment_ids, cache=cache)
-        x = x + y.astype(x.dtype)
-        x = x + self.mlp(self.post_attention_norm(x)).astype(x.dtype)
+        x = x + constrain(y.astype(x.dtype), "btd")
+        x = x + constrain(self.mlp(self.post_attention_norm(x)).astype(x.dtype), "btd")
         return x, new_cache, h, y
 
 
@@ -260,9 +269,7 @@ class DecoderLM(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
-        dt = self.config.jnp_dtype
-        return jnp.einsum("...d,dv->...v", h.astype(dt), self.lm_head_weight().astype(dt),
-                          preferred_element_type=jnp.float32)
+        return lm_head_logits(h, self.lm_head_weight(), self.config.jnp_dtype)
 
     def __call__(self, input_ids, attention_mask=None, **kwargs) -> jax.Array:
         """Logits [B, T, V] (float32)."""
@@ -283,7 +290,7 @@ class DecoderLM(nnx.Module):
         seg = fold_segment_ids(input_ids, attention_mask, segment_ids)
         if positions is None:
             positions = default_positions(seg)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.config.jnp_dtype)
+        x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(self.config.jnp_dtype), "btd")
         hidden, m_in, m_out, new_cache = [], [], [], []
         for i, block in enumerate(self.blocks):
             hidden.append(x)
