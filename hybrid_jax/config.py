@@ -162,6 +162,7 @@ def _schema() -> dict:
             compute_dtype="float32",  # the models' `dtype`: bfloat16 computes in bf16 ...
             param_dtype="float32",  # ... while trained weights stay float32 master copies
             remat=False,  # rematerialise each block in the backward pass
+            grad_accum=1,  # microbatches per step: gradients summed (token-weighted), then one update
             log_every=10,
             checkpoint_every=100,
             keep_checkpoints=3,
@@ -309,7 +310,7 @@ def validate_config(config) -> None:
     _choice(config.train.compute_dtype, DTYPES, "train.compute_dtype")
     _choice(config.train.param_dtype, DTYPES, "train.param_dtype")
     _choice(config.data.loss_mask, MASK_MODES, "data.loss_mask")
-    for k in ("batch_size", "seq_len", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "log_every"):
+    for k in ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "log_every"):
         if config.train[k] <= 0:
             raise ConfigError(f"config: train.{k} must be > 0, got {config.train[k]}")
     for ax in ("data", "fsdp", "tensor"):

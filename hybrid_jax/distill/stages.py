@@ -26,10 +26,11 @@ import dataclasses
 import inspect
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.config import ConfigError, parse_loss
-from hybrid_jax.distill.losses import ActivationMSE, LogitLoss
+from hybrid_jax.distill.losses import ActivationMSE, LogitLoss, prediction_mask
 
 
 def mixer_kind(mixer) -> str:
@@ -87,6 +88,15 @@ class Stage:
     @property
     def needs_teacher(self) -> bool:
         return self.logit_loss is None or self.logit_loss.needs_teacher
+
+    def loss_weight(self, batch) -> jax.Array:
+        """The number of positions `compute_loss` averages over for this batch (its loss is a
+        mean over them): the real tokens for the alignment stages, the target positions for
+        the logit stages. Gradient accumulation weights microbatches by it, so the summed
+        gradient equals the whole batch's."""
+        if self.type in ("attention_alignment", "hidden_alignment"):
+            return jnp.sum(jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.float32)
+        return jnp.sum(prediction_mask(batch))
 
     def compute_loss(self, student, teacher, batch):
         """(scalar float32 loss, metrics) for one batch; gradients flow only into the student."""

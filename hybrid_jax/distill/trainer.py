@@ -112,6 +112,39 @@ def _max_positions(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None)
 
 
+def accumulated_value_and_grad(grad_fn, loss_weight, accum: int):
+    """grad_fn(params, *args, batch) -> ((loss, metrics), grads), over the batch in `accum`
+    microbatches through one scan.
+
+    Each microbatch's loss, metrics and gradient are weighted by `loss_weight(microbatch)`, the
+    positions its loss averages over, so the result is the whole batch's mean even where rows
+    hold different numbers of loss positions; "target_tokens" is summed. Microbatch i takes
+    rows i, i + accum, ...: under a mesh each device keeps its own rows in every microbatch."""
+
+    def split(x):
+        return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+    def fn(params, *args):
+        *args, batch = args
+        micro = jax.tree.map(split, batch)
+
+        def body(acc, mb):
+            out = grad_fn(params, *args, mb)
+            w = loss_weight(mb)
+            weighted = jax.tree.map(lambda a, x: a + w * x.astype(jnp.float32), acc[0], out)
+            return (weighted, acc[1] + w), None
+
+        shapes = jax.eval_shape(grad_fn, params, *args, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
+        ((loss, metrics), grads), total = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)[0]
+        inv = 1.0 / jnp.maximum(total, 1.0)
+        metrics = {k: total if k == "target_tokens" else v * inv for k, v in metrics.items()}
+        grads = jax.tree.map(lambda g, p: (g * inv).astype(p.dtype), grads, params)
+        return (loss * inv, metrics), grads
+
+    return fn
+
+
 class Trainer:
     def __init__(
         self,
@@ -147,6 +180,13 @@ class Trainer:
                 limit = _max_positions(model) if model is not None else None
                 if limit is not None:
                     check_seq_len(st.seq_len, limit, what=f"stages.{st.name} seq_len (the {what}'s)")
+            rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            accum = config.train.grad_accum
+            if st.batch_size % (accum * rows):
+                raise ConfigError(
+                    f"stage {st.name!r}: batch_size {st.batch_size} does not split into train.grad_accum={accum} microbatches "
+                    f"of whole rows on each of the data×fsdp = {rows} devices; make batch_size a multiple of {accum * rows}"
+                )
 
     # ------------------------------------------------------------------ data
 
@@ -183,8 +223,12 @@ class Trainer:
             teacher = nnx.merge(t_graphdef, t_params, t_rest) if stage.needs_teacher else None
             return stage.compute_loss(student, teacher, batch)
 
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if self.config.train.grad_accum > 1:
+            grad_fn = accumulated_value_and_grad(grad_fn, stage.loss_weight, self.config.train.grad_accum)
+
         def step(trainable, frozen, rest, opt_state, t_params, t_rest, batch):
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, rest, t_params, t_rest, batch)
+            (loss, metrics), grads = grad_fn(trainable, frozen, rest, t_params, t_rest, batch)
             gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
             finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
             lr = current_lr(opt_state, sched)
