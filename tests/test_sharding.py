@@ -59,6 +59,9 @@ def test_sharded_step_on_8_devices_equals_one_device(tmp_path):
         assert abs(a - b) <= 1e-4 * abs(a)
     assert res["max_rel_param_err_8_accum2"] <= 1e-4
     assert res["params_changed"]
+    # A checkpoint written on 8 devices resumes on 1 (orbax reshards to the new mesh).
+    resumed, err = res["resume_8_to_1"]
+    assert resumed and err <= 1e-5
     split, whole = res["per_shard"]["split"], res["per_shard"]["whole"]
     assert split["max_err"] < 1e-5 and whole["max_err"] < 1e-5
     assert split["shard_map"] and split["q_spec_split"] and not split["q_spec_whole"]
@@ -104,10 +107,46 @@ def _main(out):
         results[f"max_rel_param_err_{n}"] = max(float(np.sqrt(np.mean((params[n][p] - params[1][p]) ** 2)) / np.sqrt(np.mean(params[1][p] ** 2))) for p in p0)
     results["params_changed"] = all(not np.array_equal(params[1][p], p0[p]) for p in p0)
     results["devices"] = len(jax.devices())
+    results["resume_8_to_1"] = _resume_on_one_device(out, teacher, init, runs[0][2], runs[1][2])
     results["per_shard"] = _per_shard_checks(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
     results["kd_step_all_gathers"] = _kd_step_all_gathers(make_mesh(), teacher)
     with open(f"{out}/result.json", "w") as f:
         json.dump(results, f)
+
+
+def _resume_on_one_device(out, teacher, init, one, eight):
+    """A KD stage checkpointed at step 2 on the 8-device mesh, crashed at step 4, then resumed
+    from the same workdir on one device: (whether it said it resumed at step 2, the largest
+    relative RMS difference of its final parameters from an uninterrupted one-device run)."""
+    import numpy as np
+    from flax import nnx
+
+    from hybrid_jax import config as C
+    from hybrid_jax.distill.trainer import FlatParams, Trainer
+    from tests.distill.helpers import Batches, run_config
+
+    class Crash(Batches):
+        def __next__(self):
+            if self.index == 3:
+                raise RuntimeError("simulated crash before step 4")
+            return super().__next__()
+
+    c = run_config(batch_size=8)
+    c.stages = {"kd": C.stage_config(type="logit_kd", steps=4, lr=1e-2, warmup_frac=0.0)}
+    c.stage_order = "kd"
+    final, printed = {}, []
+    for name, mesh, data in (("whole", one, Batches), ("crashed", eight, Crash), ("crashed", one, Batches)):
+        student = nnx.clone(init)
+        try:
+            Trainer(c, student, teacher=teacher, mesh=mesh, workdir=f"{out}/resume_{name}", print_fn=printed.append,
+                    data_fn=lambda s, data=data: data(s.batch_size, s.seq_len)).run()
+        except RuntimeError as e:
+            assert "simulated crash" in str(e), e
+            continue
+        final[name] = {p: np.asarray(v) for p, v in FlatParams(nnx.state(student, nnx.Param)).values.items()}
+    a, b = final["whole"], final["crashed"]
+    resumed = any("resuming from" in str(line) and "step 2" in str(line) for line in printed)
+    return resumed, max(float(np.sqrt(np.mean((a[p] - b[p]) ** 2)) / np.sqrt(np.mean(a[p] ** 2))) for p in a)
 
 
 def _per_shard_checks(mesh):
