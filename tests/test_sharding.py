@@ -67,12 +67,12 @@ def test_sharded_step_on_8_devices_equals_one_device(tmp_path):
     assert split["shard_map"] and split["q_spec_split"] and not split["q_spec_whole"]
     assert whole["shard_map"] and whole["q_spec_whole"] and not whole["q_spec_split"]
     # Data parallelism for real: on the trainer's default mesh (every device on fsdp) the
-    # compiled KD step gathers parameters, never the batch's activations (without
-    # `sharding.constrain` it gathered 9 activations here, and on two H200s the distillation
-    # step ran no faster than on one).
-    gathers = res["kd_step_all_gathers"]
-    assert gathers["params"] > 0, gathers
-    assert gathers["activations"] == [], gathers
+    # compiled KD gradient gathers parameters, never the batch's activations, whole or in
+    # microbatches (without `sharding.constrain` it gathered 28 activations in each variant,
+    # and on two H200s the distillation step ran no faster than on one).
+    for gathers in res["kd_step_all_gathers"].values():  # the batch whole and in 2 microbatches
+        assert gathers["params"] > 0, gathers
+        assert gathers["activations"] == [], gathers
 
 
 def _main(out):
@@ -109,7 +109,7 @@ def _main(out):
     results["devices"] = len(jax.devices())
     results["resume_8_to_1"] = _resume_on_one_device(out, teacher, init, runs[0][2], runs[1][2])
     results["per_shard"] = _per_shard_checks(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
-    results["kd_step_all_gathers"] = _kd_step_all_gathers(make_mesh(), teacher)
+    results["kd_step_all_gathers"] = _kd_step_all_gathers(make_mesh(), teacher, batch=16)
     with open(f"{out}/result.json", "w") as f:
         json.dump(results, f)
 
@@ -184,12 +184,12 @@ def _per_shard_checks(mesh):
     return out
 
 
-def _kd_step_all_gathers(mesh, teacher, batch=8, seq=16):
-    """The all-gathers of a compiled logit-KD gradient step (teacher forward, KDA + attention
-    student forward and backward, chunked loss) with parameters and batch sharded over `mesh`:
-    how many
-    gather parameters, and the shapes of those that gather floating-point activations (a
-    leading [batch, seq])."""
+def _kd_step_all_gathers(mesh, teacher, batch, seq=16):
+    """The all-gathers of the compiled gradient of a logit-KD stage's loss (teacher forward,
+    KDA + attention student forward and backward, chunked loss), whole and in 2 accumulated
+    microbatches, with parameters and batch sharded over `mesh`: per variant, how many gather
+    parameters, and the shapes of those that gather floating-point activations (a leading
+    [rows, seq] of the batch or a microbatch)."""
     import re
 
     import jax
@@ -197,32 +197,37 @@ def _kd_step_all_gathers(mesh, teacher, batch=8, seq=16):
     from flax import nnx
 
     import hybrid_jax as hj
-    from hybrid_jax.distill.losses import LogitLoss
+    from hybrid_jax.config import resolved_stage
+    from hybrid_jax.distill.stages import build_stage
+    from hybrid_jax.distill.trainer import accumulated_value_and_grad
     from hybrid_jax.sharding import shard_batch, shard_model
+    from tests.distill.helpers import run_config
 
     student = hj.build_student(teacher, "attention:0;kda:1", param_dtype="float32")
     shard_model(student, mesh)
     shard_model(teacher, mesh)
+    c = run_config(batch_size=batch, seq_len=seq)
+    c.stages.kd.logit_chunk = 8
+    stage = build_stage(resolved_stage(c, "kd"), student, teacher)
     ids = np.random.default_rng(0).integers(0, teacher.config.vocab_size, (batch, seq)).astype(np.int32)
-    tokens = shard_batch(dict(input_ids=ids, segment_ids=np.ones_like(ids), loss_mask=np.ones_like(ids)), mesh)
+    pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
+    tokens = shard_batch(dict(input_ids=ids, segment_ids=np.ones_like(ids), positions=pos, loss_mask=np.ones_like(ids)), mesh)
     (s_def, s_params, s_rest), t_model = nnx.split(student, nnx.Param, ...), nnx.split(teacher)
 
-    def final_hidden(model, ids):
-        out = model.forward(ids, segment_ids=tokens["segment_ids"], logits="none", output_hidden_states=True)
-        return model.norm(out.hidden_states[-1])
-
     def loss(params, t_model, tokens):
-        s, t = nnx.merge(s_def, params, s_rest), nnx.merge(*t_model)
-        return LogitLoss().compute_loss_from_hidden(
-            final_hidden(s, tokens["input_ids"]), s.lm_head_weight(), final_hidden(t, tokens["input_ids"]),
-            t.lm_head_weight(), tokens, chunk=8)[0]
+        return stage.compute_loss(nnx.merge(s_def, params, s_rest), nnx.merge(*t_model), tokens)
 
-    with jax.set_mesh(mesh):
-        hlo = jax.jit(jax.grad(loss)).lower(s_params, t_model, tokens).compile().as_text()
-    shapes = re.findall(r"= ([a-z0-9]+)\[([0-9,]*)\][^ ]* all-gather\(", hlo)
-    floats = [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in shapes if t.startswith(("f", "bf"))]
-    return {"params": sum(1 for _, d in floats if d[:2] != (batch, seq)),
-            "activations": [list(d) for _, d in floats if d[:2] == (batch, seq)]}
+    grad = jax.value_and_grad(loss, has_aux=True)
+    out = {}
+    for accum, fn in ((1, grad), (2, accumulated_value_and_grad(grad, stage.loss_weight, 2))):
+        with jax.set_mesh(mesh):
+            hlo = jax.jit(fn).lower(s_params, t_model, tokens).compile().as_text()
+        shapes = re.findall(r"= ([a-z0-9]+)\[([0-9,]*)\][^ ]* all-gather\(", hlo)
+        floats = [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in shapes if t.startswith(("f", "bf"))]
+        rows = {(batch, seq), (batch // accum, seq)}
+        out[f"accum{accum}"] = {"params": sum(1 for _, d in floats if d[:2] not in rows),
+                                "activations": [list(d) for _, d in floats if d[:2] in rows]}
+    return out
 
 
 if __name__ == "__main__":
