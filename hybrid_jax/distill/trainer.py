@@ -182,6 +182,8 @@ class Trainer:
                     check_seq_len(st.seq_len, limit, what=f"stages.{st.name} seq_len (the {what}'s)")
             rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
             accum = config.train.grad_accum
+            if accum < 1:
+                raise ConfigError(f"config: train.grad_accum must be > 0, got {accum}")
             if st.batch_size % (accum * rows):
                 raise ConfigError(
                     f"stage {st.name!r}: batch_size {st.batch_size} does not split into train.grad_accum={accum} microbatches "

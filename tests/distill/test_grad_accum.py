@@ -96,3 +96,5 @@ def test_grad_accum_must_split_the_batch(tmp_path):
     c.train.grad_accum = 0
     with pytest.raises(ConfigError, match="grad_accum must be > 0"):
         validate_config(c)
+    with pytest.raises(ConfigError, match="grad_accum must be > 0"):
+        Trainer(c, tiny_student(teacher), teacher=teacher, workdir=str(tmp_path), data_fn=lambda s: Batches(s.batch_size, s.seq_len))
