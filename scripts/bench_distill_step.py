@@ -109,9 +109,10 @@ def loss_and_update_parts(student, batch: int, seq_len: int, compute: str, stage
     import optax
     from flax import nnx
 
-    from hybrid_jax.distill.losses import LogitLoss, lm_head_logits
+    from hybrid_jax.distill.losses import LogitLoss
     from hybrid_jax.distill.optim import make_optimizer
     from hybrid_jax.distill.trainer import FlatParams
+    from hybrid_jax.models.qwen3 import lm_head_logits
 
     c = student.config
     k = jax.random.split(jax.random.key(2), 4)

@@ -89,9 +89,9 @@ def _main(out):
     teacher = tiny_teacher(layers=2)
     init = tiny_student(teacher, new_layers=(1,))
     results, params = {}, {}
-    runs = ((1, 1, make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])),
-            (8, 1, make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), ("8_accum2", 2, make_mesh({"data": 2, "fsdp": 2, "tensor": 2})))
-    for n, accum, mesh in runs:
+    one = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    cube = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    for n, accum, mesh in ((1, 1, one), (8, 1, cube), ("8_accum2", 2, cube)):
         c = run_config(batch_size=8)
         c.train.grad_accum = accum
         c.stages = {"kd": C.stage_config(type="logit_kd", steps=2, lr=1e-2, warmup_frac=0.0, loss="forward_kl:0.9,ce:0.1")}
@@ -104,21 +104,25 @@ def _main(out):
             results["embed_spec"] = list(student.embed[...].sharding.spec)
     p0 = {p: np.asarray(v) for p, v in FlatParams(nnx.state(init, nnx.Param)).values.items()}
     for n in (8, "8_accum2"):
-        results[f"max_rel_param_err_{n}"] = max(float(np.sqrt(np.mean((params[n][p] - params[1][p]) ** 2)) / np.sqrt(np.mean(params[1][p] ** 2))) for p in p0)
+        results[f"max_rel_param_err_{n}"] = _max_rel_err(params[n], params[1])
     results["params_changed"] = all(not np.array_equal(params[1][p], p0[p]) for p in p0)
     results["devices"] = len(jax.devices())
-    results["resume_8_to_1"] = _resume_on_one_device(out, teacher, init, runs[0][2], runs[1][2])
-    results["per_shard"] = _per_shard_checks(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    results["resume_8_to_1"] = _resume_on_one_device(out, teacher, init, one, cube)
+    results["per_shard"] = _per_shard_checks(cube)
     results["kd_step_all_gathers"] = _kd_step_all_gathers(make_mesh(), teacher, batch=16)
     with open(f"{out}/result.json", "w") as f:
         json.dump(results, f)
+
+
+def _max_rel_err(params, reference):
+    """The largest relative RMS difference over parameter arrays {path: array}."""
+    return max(float(np.sqrt(np.mean((params[p] - v) ** 2)) / np.sqrt(np.mean(v**2))) for p, v in reference.items())
 
 
 def _resume_on_one_device(out, teacher, init, one, eight):
     """A KD stage checkpointed at step 2 on the 8-device mesh, crashed at step 4, then resumed
     from the same workdir on one device: (whether it said it resumed at step 2, the largest
     relative RMS difference of its final parameters from an uninterrupted one-device run)."""
-    import numpy as np
     from flax import nnx
 
     from hybrid_jax import config as C
@@ -144,9 +148,8 @@ def _resume_on_one_device(out, teacher, init, one, eight):
             assert "simulated crash" in str(e), e
             continue
         final[name] = {p: np.asarray(v) for p, v in FlatParams(nnx.state(student, nnx.Param)).values.items()}
-    a, b = final["whole"], final["crashed"]
     resumed = any("resuming from" in str(line) and "step 2" in str(line) for line in printed)
-    return resumed, max(float(np.sqrt(np.mean((a[p] - b[p]) ** 2)) / np.sqrt(np.mean(a[p] ** 2))) for p in a)
+    return resumed, _max_rel_err(final["crashed"], final["whole"])
 
 
 def _per_shard_checks(mesh):
@@ -193,7 +196,6 @@ def _kd_step_all_gathers(mesh, teacher, batch, seq=16):
     import re
 
     import jax
-    import numpy as np
     from flax import nnx
 
     import hybrid_jax as hj

@@ -128,11 +128,11 @@ def accumulated_value_and_grad(grad_fn, loss_weight, accum: int):
         *args, batch = args
         micro = jax.tree.map(split, batch)
 
-        def body(acc, mb):
-            out = grad_fn(params, *args, mb)
+        def body(carry, mb):
+            sums, total = carry
             w = loss_weight(mb)
-            weighted = jax.tree.map(lambda a, x: a + w * x.astype(jnp.float32), acc[0], out)
-            return (weighted, acc[1] + w), None
+            sums = jax.tree.map(lambda a, x: a + w * x.astype(jnp.float32), sums, grad_fn(params, *args, mb))
+            return (sums, total + w), None
 
         shapes = jax.eval_shape(grad_fn, params, *args, jax.tree.map(lambda x: x[0], micro))
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
@@ -175,15 +175,15 @@ class Trainer:
         self._print = print_fn if jax.process_index() == 0 else (lambda *_: None)
         self.kinds = layer_kinds(student)
         self.new = new_layers(student, teacher) if teacher is not None else ()
+        accum = config.train.grad_accum
+        if accum < 1:
+            raise ConfigError(f"config: train.grad_accum must be > 0, got {accum}")
+        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         for st in self.stages:
             for model, what in ((student, "student"), (teacher, "teacher")):
                 limit = _max_positions(model) if model is not None else None
                 if limit is not None:
                     check_seq_len(st.seq_len, limit, what=f"stages.{st.name} seq_len (the {what}'s)")
-            rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            accum = config.train.grad_accum
-            if accum < 1:
-                raise ConfigError(f"config: train.grad_accum must be > 0, got {accum}")
             if st.batch_size % (accum * rows):
                 raise ConfigError(
                     f"stage {st.name!r}: batch_size {st.batch_size} does not split into train.grad_accum={accum} microbatches "

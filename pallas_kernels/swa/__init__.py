@@ -81,8 +81,8 @@ def swa_attention(q, k, v, *, window, sinks=0, segment_ids=None, scale=None, bac
         "auto": on GPU cuDNN where it can express the call, else "pallas_gpu" (a Mosaic GPU
         forward on Hopper, Triton elsewhere; Triton backward); the Mosaic kernel on TPU; the
         reference elsewhere. "interpret" runs the TPU kernel in Pallas's interpreter (any
-        platform). "cudnn" is
-        jax.nn.dot_product_attention(implementation="cudnn"): no sinks or segments.
+        platform). "cudnn" is jax.nn.dot_product_attention(implementation="cudnn"): no sinks
+        or segments.
 
     Returns:
       o: [B, T, Hq, D] in q.dtype.
