@@ -83,6 +83,9 @@ def _stage_defaults() -> dict:
         # Logit stages: sequence positions per chunk of the fused lm_head + logit loss, which never
         # holds [batch, seq_len, vocab] logits (peak O(batch · logit_chunk · vocab)); 0 = unchunked.
         logit_chunk=1024,
+        # How each chunk's loss and logit gradient are formed: "auto" (Pallas kernels on a GPU for
+        # forward KL / cross-entropy without top-k, else XLA), "xla", "pallas_gpu", "pallas_interpret".
+        logit_kernel="auto",
         # Alignment stages: comma-separated layer indices; "" = every layer whose mixer is new.
         layers="",
         # Data for this stage; empty fields inherit the top-level `data` section.

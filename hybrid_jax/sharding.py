@@ -147,6 +147,12 @@ def _multi_device_mesh():
     return None if mesh.empty or math.prod(mesh.shape.values()) == 1 else mesh
 
 
+def mesh_axis_size(name: str) -> int:
+    """Size of axis `name` of the ambient mesh (1 without a mesh or without that axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(name, 1)
+
+
 def _role_specs(mesh, arrays: Mapping[str, jax.Array], dims: Mapping[str, str]):
     """spec(roles) -> PartitionSpec: a role is split over its mesh axes only where every
     dimension of `arrays` playing it divides by their size."""

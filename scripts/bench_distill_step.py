@@ -198,7 +198,7 @@ def breakdown(teacher, student, batch: int, seq_len: int, compute: str) -> list[
 
 
 def train(batch: int, seq_len: int, steps: int, log_every: int = 3, remat: bool = False, logit_chunk: int = 1024,
-          tiny: bool = False, fused_conv: bool = True, grad_accum: int = 1):
+          tiny: bool = False, fused_conv: bool = True, grad_accum: int = 1, logit_kernel: str = "auto"):
     """Runs the `logit_kd` stage of the real Trainer for `steps` steps on random tokens; returns
     (teacher, student, config, workdir, layer spec, model shape, compute dtype)."""
     from flax import nnx
@@ -222,7 +222,8 @@ def train(batch: int, seq_len: int, steps: int, log_every: int = 3, remat: bool 
     config.train.compute_dtype, config.train.remat, config.train.grad_accum = compute, remat, grad_accum
     config.train.log_every, config.train.checkpoint_every = log_every, 10 ** 9
     config.train.progress, config.train.tensorboard = False, False
-    config.stages.kd = stage_config(type="logit_kd", steps=steps, lr=1e-5, logit_chunk=logit_chunk)
+    config.stages.kd = stage_config(type="logit_kd", steps=steps, lr=1e-5, logit_chunk=logit_chunk,
+                                    logit_kernel=logit_kernel)
     config.stage_order = "kd"
     workdir = tempfile.mkdtemp(prefix="bench_distill_")
     Trainer(config, student, teacher=teacher, workdir=workdir,
@@ -240,6 +241,7 @@ def main():
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--grad_accum", type=int, default=1, help="microbatches per step (train.grad_accum)")
     ap.add_argument("--logit_chunk", type=int, default=1024, help="positions per fused lm_head+loss chunk; 0 = unchunked")
+    ap.add_argument("--logit_kernel", default="auto", help="stages.kd.logit_kernel: auto, xla, pallas_gpu")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also time the step's parts alone")
     ap.add_argument("--xla_conv", action="store_true",
@@ -249,7 +251,7 @@ def main():
 
     teacher, student, config, workdir, spec, shape, compute = train(
         args.batch, args.seq_len, args.steps, args.log_every, args.remat, args.logit_chunk, args.tiny,
-        not args.xla_conv, args.grad_accum)
+        not args.xla_conv, args.grad_accum, args.logit_kernel)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     tps = statistics.median(r["tokens_per_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["tokens_per_s"]
     flops = step_flops_per_token(student, teacher, args.seq_len, 64) * tps
@@ -258,7 +260,7 @@ def main():
     stats = jax.devices()[0].memory_stats() or {}
     devices = jax.device_count()  # the trainer's default mesh puts every device on fsdp
     result = dict(device=kind, devices=devices, jax=jax.__version__, batch=args.batch, seq_len=args.seq_len,
-                  grad_accum=args.grad_accum, remat=args.remat, logit_chunk=args.logit_chunk, fused_conv=not args.xla_conv,
+                  grad_accum=args.grad_accum, remat=args.remat, logit_chunk=args.logit_chunk, logit_kernel=args.logit_kernel, fused_conv=not args.xla_conv,
                   tokens_per_s=tps, achieved_tflops=flops / 1e12, mfu=(flops / (peak * devices)) if peak else None,
                   peak_memory_gib=stats.get("peak_bytes_in_use", 0) / 2**30 or None, layer_spec=spec,
                   loss_means=[r.get("loss_mean") for r in rows])

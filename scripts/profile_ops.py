@@ -205,6 +205,7 @@ def main():
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seq_len", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1, help="distill: rows per step")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--logit_chunk", type=int, default=1024)
     ap.add_argument("--tiny", action="store_true")
@@ -241,16 +242,16 @@ def main():
         from bench_distill_step import train
 
         with jax.profiler.trace(trace, create_perfetto_trace=True, profiler_options=options):
-            train(1, args.seq_len, args.steps, log_every=args.steps, logit_chunk=args.logit_chunk, tiny=args.tiny,
+            train(args.batch, args.seq_len, args.steps, log_every=args.steps, logit_chunk=args.logit_chunk, tiny=args.tiny,
                   fused_conv=not args.xla_conv)
         calls = args.steps
-        title = f"distillation step, 1x{args.seq_len}, per step ({args.steps} steps)"
+        title = f"distillation step, {args.batch}x{args.seq_len}, per step ({args.steps} steps)"
     modules_re = args.modules if args.modules is not None else ("^jit__prefill$" if args.target == "prefill"
                                                                 else "^jit_step$")
     result = attribute(device_events(trace), hlo_sources(dump), calls, modules_re)
     result.update(title=title, device=jax.devices()[0].device_kind, jax=jax.__version__, args=vars(args))
     print_report(title, result, args.top)
-    with open(os.path.join(args.out, f"profile_{args.target}_{args.model if args.target == 'prefill' else 'step'}.json"), "w") as f:
+    with open(os.path.join(args.out, f"profile_{args.target}_{args.model if args.target == 'prefill' else f'step_b{args.batch}'}.json"), "w") as f:
         json.dump(result, f, indent=1)
 
 

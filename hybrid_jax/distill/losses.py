@@ -30,6 +30,10 @@ import jax.numpy as jnp
 
 from hybrid_jax.config import LOSS_KINDS, ConfigError
 from hybrid_jax.models.qwen3 import lm_head_logits
+from hybrid_jax.sharding import constrain, mesh_axis_size, per_shard
+from pallas_kernels import logit_loss
+
+LOGIT_KERNELS = ("auto", "xla", "pallas_gpu", "pallas_interpret")
 
 
 def token_mask(batch) -> jax.Array:
@@ -154,6 +158,21 @@ class LogitLoss:
     def needs_teacher(self) -> bool:
         return any(k != "ce" for k, _ in self.terms)
 
+    def resolve_kernel(self, kernel: str, vocab: int) -> str:
+        """`kernel` of compute_loss_from_hidden made concrete: "auto" takes the Pallas kernels on
+        a GPU when they compute this objective (forward KL and cross-entropy, no top-k) and the
+        vocabulary is not split over a tensor-parallel mesh axis, else XLA."""
+        if kernel not in LOGIT_KERNELS:
+            raise ConfigError(f"logit_kernel={kernel!r}; use one of {LOGIT_KERNELS}")
+        fits = all(k in ("forward_kl", "ce") for k, _ in self.terms) and not 0 < self.top_k < vocab
+        if kernel == "auto":
+            on_gpu = jax.default_backend() in ("gpu", "cuda")
+            return "pallas_gpu" if fits and on_gpu and mesh_axis_size("tensor") == 1 else "xla"
+        if kernel != "xla" and not fits:
+            raise ConfigError(f"logit_kernel={kernel!r} computes forward_kl and ce without top_k only; "
+                              f"this loss has terms {self.terms} and top_k={self.top_k}: use 'xla' or 'auto'")
+        return kernel
+
     def per_token(self, student_logits, teacher_logits, labels) -> list[jax.Array]:
         """Each term's per-position value (unweighted), in the order of `terms`."""
         kw = dict(temperature=self.temperature, top_k=self.top_k)
@@ -182,23 +201,28 @@ class LogitLoss:
         return total, metrics
 
     def compute_loss_from_hidden(self, student_hidden, student_head, teacher_hidden, teacher_head, batch, *, chunk: int,
-                                 student_dtype=jnp.float32, teacher_dtype=jnp.float32):
+                                 student_dtype=jnp.float32, teacher_dtype=jnp.float32, kernel: str = "auto"):
         """`compute_loss` on logits `lm_head_logits(hidden, head, dtype)`, `chunk` positions at a time.
 
         hidden: final-normed [B, T, D]; head: the [D, V] output projection; dtype: the model's
         compute dtype. The teacher side is constant (no gradient). The total is differentiable
         with respect to the student's hidden states and head; the per-term metrics are not
         (stop_gradient), since only the weighted total's gradient is formed in the forward pass.
+        kernel: how each chunk's loss and logit gradient are formed (`LOGIT_KERNELS`): "xla"
+        (autodiff of `per_token`), "pallas_gpu" / "pallas_interpret" (pallas_kernels.logit_loss:
+        forward KL and cross-entropy without top-k only) or "auto" (pallas_gpu where it applies
+        on a GPU, else xla).
         """
         if chunk <= 0:
             raise ConfigError(f"compute_loss_from_hidden: chunk must be > 0 positions, got {chunk}")
+        kernel = self.resolve_kernel(kernel, student_head.shape[-1])
         mask = prediction_mask(batch)
         labels = next_token_labels(jnp.asarray(batch["input_ids"]))
         if self.needs_teacher:
             teacher_hidden, teacher_head = jax.lax.stop_gradient((teacher_hidden, teacher_head))
         else:
             teacher_hidden = teacher_head = None
-        loss, values = _fused_logit_loss(self, chunk, jnp.dtype(student_dtype), jnp.dtype(teacher_dtype))(
+        loss, values = _fused_logit_loss(self, chunk, jnp.dtype(student_dtype), jnp.dtype(teacher_dtype), kernel)(
             student_hidden, student_head, teacher_hidden, teacher_head, mask, labels)
         values = jax.lax.stop_gradient(values)
         metrics = {kind: values[i] for i, (kind, _) in enumerate(self.terms)}
@@ -206,22 +230,19 @@ class LogitLoss:
         return loss, metrics
 
 
-def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype):
+def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype, kernel: str):
     """(student_hidden, student_head, teacher_hidden, teacher_head, mask, labels) -> (total, values[K]).
 
     A custom VJP whose forward scans over sequence chunks: per chunk it forms both logit
-    blocks [B, chunk, V], the masked per-term sums, and — by `jax.vjp` of that chunk with the
-    cotangent 1/den — the chunk's gradient for the student hidden states and head. The
-    backward pass only scales those by the incoming cotangent, so nothing [B, T, V]-sized is
-    stored or recomputed. Zero-padded positions beyond T carry mask 0.
+    blocks [B, chunk, V], the masked per-term sums and the gradient of the weighted total
+    (scaled by 1/den) with respect to the student's logits (`_chunk_sums_and_logit_grad`), in
+    the student's compute dtype; the chunk's gradients for the student hidden states and head
+    are then two matmuls in that dtype (bf16 operands in a bf16 model, where autodiff of the
+    float32 logits would have made them float32 matmuls). The backward pass only scales those by the incoming
+    cotangent, so nothing [B, T, V]-sized is stored or recomputed. Zero-padded positions
+    beyond T carry mask 0.
     """
     weights = jnp.asarray([w for _, w in loss.terms], jnp.float32)
-
-    def chunk_sums(hs, head, ht, t_head, m, lab):
-        s_logits = lm_head_logits(hs, head, s_dtype)
-        t_logits = None if ht is None else lm_head_logits(ht, t_head, t_dtype)
-        per = loss.per_token(s_logits, t_logits, lab)
-        return jnp.stack([jnp.sum(jnp.where(m > 0, v, 0.0) * m) for v in per])
 
     def blocks(x, n):  # [B, T, ...] -> [n, B, chunk, ...], zero padded to n * chunk positions
         b, t = x.shape[:2]
@@ -232,17 +253,17 @@ def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype):
         b, t = mask.shape
         n = -(-t // chunk)
         inv_den = 1.0 / jnp.maximum(jnp.sum(mask), 1.0)
+        head_c = head.astype(s_dtype)
 
         def body(d_head, xs):
             hs_c, ht_c, m_c, lab_c = xs
-
-            def f(h, w):
-                sums = chunk_sums(h, w, ht_c, t_head, m_c, lab_c)
-                return jnp.dot(weights, sums), sums
-
-            _, vjp, sums = jax.vjp(f, hs_c, head, has_aux=True)
-            dh_c, dw_c = vjp(inv_den)
-            return d_head + dw_c.astype(jnp.float32), (sums, dh_c)
+            s_logits = lm_head_logits(hs_c, head_c, s_dtype)
+            t_logits = None if ht_c is None else lm_head_logits(ht_c, t_head, t_dtype)
+            sums, ds = _chunk_sums_and_logit_grad(loss, kernel, s_logits, t_logits, m_c, lab_c, inv_den, s_dtype)
+            ds = constrain(ds, "b.h")
+            dh_c = jnp.einsum("...v,dv->...d", ds, head_c, preferred_element_type=jnp.float32)
+            dw_c = jnp.einsum("...d,...v->dv", hs_c.astype(s_dtype), ds, preferred_element_type=jnp.float32)
+            return d_head + dw_c, (sums, dh_c.astype(hs_c.dtype))
 
         xs = (blocks(hs, n), None if ht is None else blocks(ht, n), blocks(mask, n), blocks(labels, n))
         d_head, (sums, dh) = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), xs)
@@ -264,6 +285,45 @@ def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype):
 
     fused.defvjp(fwd, bwd)
     return fused
+
+
+def _masked_sum(v, m):
+    return jnp.sum(jnp.where(m > 0, v, 0.0) * m)
+
+
+def _chunk_sums_and_logit_grad(loss: LogitLoss, kernel: str, s_logits, t_logits, m, labels, inv_den, grad_dtype):
+    """Per-term masked sums [K] of one chunk and d(weights . sums * inv_den)/d s_logits in
+    `grad_dtype` (the dtype of the student's gradient matmuls)."""
+    weights = jnp.asarray([w for _, w in loss.terms], jnp.float32)
+    if kernel == "xla":
+        def total(s):
+            sums = jnp.stack([_masked_sum(v, m) for v in loss.per_token(s, t_logits, labels)])
+            return jnp.dot(weights, sums), sums
+
+        _, vjp, sums = jax.vjp(total, s_logits, has_aux=True)
+        return sums, vjp(inv_den)[0].astype(grad_dtype)
+    tau = loss.temperature
+    w_kl = sum(w for k, w in loss.terms if k == "forward_kl")
+    w_ce = sum(w for k, w in loss.terms if k == "ce")
+    kl, ce = any(k == "forward_kl" for k, _ in loss.terms), any(k == "ce" for k, _ in loss.terms)
+    interpret = kernel == "pallas_interpret"
+
+    def rows(s, t, m, labels, inv_den):  # per shard of batch rows
+        b, c, V = s.shape
+        s2, lab = s.reshape(b * c, V), labels.reshape(b * c)
+        t2 = t.reshape(b * c, V) if kl else None
+        st = logit_loss.row_stats(s2, t2, temperature=tau, ce=ce, interpret=interpret)
+        keep = jnp.where(m > 0, m, 0.0).reshape(b * c) * inv_den
+        kl_rows = tau**2 * (st.cross - st.lse_t + st.lse_s) if kl else jnp.zeros_like(keep)
+        ce_rows = st.lse_ce - jnp.take_along_axis(s2, lab[:, None], axis=1)[:, 0] if ce else jnp.zeros_like(keep)
+        ds = logit_loss.logits_grad(s2, t2, lab, st, w_kl * tau * keep if kl else None, w_ce * keep if ce else None,
+                                    temperature=tau, out_dtype=grad_dtype, interpret=interpret)
+        return kl_rows.reshape(b, c), ce_rows.reshape(b, c), ds.reshape(b, c, V)
+
+    kl_rows, ce_rows, ds = per_shard(rows, dict(s=s_logits, t=t_logits if kl else None, m=m, labels=labels, inv_den=inv_den),
+                                     dict(s="b..", t="b..", m="b.", labels="b.", inv_den=""), ("b.", "b.", "b.."))
+    sums = jnp.stack([_masked_sum(kl_rows if k == "forward_kl" else ce_rows, m) for k, _ in loss.terms])
+    return sums, ds
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,7 +123,8 @@ class Stage:
                 t_hidden, t_head = jax.lax.stop_gradient(_final_hidden(teacher, batch))
                 t_dtype = teacher.config.jnp_dtype
             return self.logit_loss.compute_loss_from_hidden(s_hidden, s_head, t_hidden, t_head, batch, chunk=chunk,
-                                                            student_dtype=s_dtype, teacher_dtype=t_dtype)
+                                                            student_dtype=s_dtype, teacher_dtype=t_dtype,
+                                                            kernel=self.cfg.logit_kernel)
         s_logits = _forward(student, batch).logits
         t_logits = None
         if self.logit_loss.needs_teacher:
@@ -164,6 +165,7 @@ def build_stage(cfg, student, teacher=None) -> Stage:
         if cfg.logit_chunk < 0:
             raise ConfigError(f"stages.{cfg.name}.logit_chunk={cfg.logit_chunk}; use a positive number of positions per chunk, or 0 for unchunked logits")
         if cfg.logit_chunk:
+            logit_loss.resolve_kernel(cfg.logit_kernel, student.config.vocab_size)
             for model, what in ((student, "student"), (teacher if logit_loss.needs_teacher else None, "teacher")):
                 if model is not None and not all(hasattr(model, a) for a in ("norm", "lm_head_weight", "config")):
                     raise ConfigError(f"stages.{cfg.name}.logit_chunk={cfg.logit_chunk} needs a DecoderLM {what} (final `norm`, "

@@ -133,3 +133,43 @@ def test_stage_loss_with_logit_chunk_equals_unchunked(models):
     assert abs(float(sft[1]) - float(sft[0])) <= 1e-6 * abs(float(sft[0]))
     with pytest.raises(C.ConfigError, match="logit_chunk=-1"):
         stage(-1)
+
+
+KERNEL_CASES = [
+    dict(terms=(("forward_kl", 1.0),)),
+    dict(terms=(("forward_kl", 1.0),), temperature=2.0),
+    dict(terms=(("ce", 1.0),)),
+    dict(terms=(("forward_kl", 0.9), ("ce", 0.1)), temperature=2.0),
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "+".join(k for k, _ in c["terms"]) + f"-tau{c.get('temperature', 1)}")
+def test_pallas_logit_kernels_equal_the_unchunked_loss(case):
+    """The Pallas stats + gradient kernels (interpret mode) against autodiff of the unchunked loss."""
+    hs, w, ht, wt, batch = _problem(2)
+    loss = L.LogitLoss(**case)
+
+    def oracle(hs, w):
+        return loss.compute_loss(L.lm_head_logits(hs, w), L.lm_head_logits(ht, wt), batch)
+
+    (v0, m0), g0 = jax.jit(jax.value_and_grad(oracle, (0, 1), has_aux=True))(hs, w)
+
+    def kernel(hs, w):
+        return loss.compute_loss_from_hidden(hs, w, ht, wt, batch, chunk=4, kernel="pallas_interpret")
+
+    (v1, m1), g1 = jax.jit(jax.value_and_grad(kernel, (0, 1), has_aux=True))(hs, w)
+    assert abs(float(v1) - float(v0)) <= 1e-5 * abs(float(v0)), (float(v1), float(v0))
+    for kind, _ in case["terms"]:
+        assert abs(float(m1[kind]) - float(m0[kind])) <= 1e-5 * abs(float(m0[kind])), kind
+    for name, a, b in zip(("hidden", "head"), g1, g0, strict=True):
+        assert _rms_rel(a, b) <= 1e-5, (name, _rms_rel(a, b))
+    assert float(jnp.max(jnp.abs(g1[0][1, 10:]))) == 0.0
+
+
+def test_logit_kernel_choice():
+    assert L.LogitLoss().resolve_kernel("auto", V) == ("pallas_gpu" if jax.default_backend() == "gpu" else "xla")
+    assert L.LogitLoss(terms=(("reverse_kl", 1.0),)).resolve_kernel("auto", V) == "xla"
+    with pytest.raises(C.ConfigError, match="forward_kl and ce without top_k"):
+        L.LogitLoss(top_k=5).resolve_kernel("pallas_gpu", V)
+    with pytest.raises(C.ConfigError, match="logit_kernel='triton'"):
+        L.LogitLoss().resolve_kernel("triton", V)
