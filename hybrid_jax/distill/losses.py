@@ -301,7 +301,8 @@ def _chunk_sums_and_logit_grad(loss: LogitLoss, kernel: str, s_logits, t_logits,
 
         _, vjp, sums = jax.vjp(total, s_logits, has_aux=True)
         return sums, vjp(inv_den)[0].astype(grad_dtype)
-    from pallas_kernels import logit_loss  # the Triton kernels load only where they run, as KDA's do
+    # The Triton kernels load only where they run, as the KDA and SWA backends' do.
+    from pallas_kernels import logit_loss
 
     tau = loss.temperature
     w_kl = sum(w for k, w in loss.terms if k == "forward_kl")
