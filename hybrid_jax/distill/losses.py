@@ -237,9 +237,9 @@ def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype, kernel: str
     (scaled by 1/den) with respect to the student's logits (`_chunk_sums_and_logit_grad`), in
     the student's compute dtype; the chunk's gradients for the student hidden states and head
     are then two matmuls in that dtype (bf16 operands in a bf16 model, where autodiff of the
-    float32 logits would have made them float32 matmuls). The backward pass only scales those by the incoming
-    cotangent, so nothing [B, T, V]-sized is stored or recomputed. Zero-padded positions
-    beyond T carry mask 0.
+    float32 logits would have made them float32 matmuls). The backward pass only scales those
+    by the incoming cotangent, so nothing [B, T, V]-sized is stored or recomputed. Zero-padded
+    positions beyond T carry mask 0.
     """
     weights = jnp.asarray([w for _, w in loss.terms], jnp.float32)
 

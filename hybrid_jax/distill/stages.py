@@ -165,11 +165,11 @@ def build_stage(cfg, student, teacher=None) -> Stage:
         if cfg.logit_chunk < 0:
             raise ConfigError(f"stages.{cfg.name}.logit_chunk={cfg.logit_chunk}; use a positive number of positions per chunk, or 0 for unchunked logits")
         if cfg.logit_chunk:
-            logit_loss.resolve_kernel(cfg.logit_kernel, student.config.vocab_size)
             for model, what in ((student, "student"), (teacher if logit_loss.needs_teacher else None, "teacher")):
                 if model is not None and not all(hasattr(model, a) for a in ("norm", "lm_head_weight", "config")):
                     raise ConfigError(f"stages.{cfg.name}.logit_chunk={cfg.logit_chunk} needs a DecoderLM {what} (final `norm`, "
                                       f"`lm_head_weight()`); this {what} is a {type(model).__name__}: set logit_chunk=0")
+            logit_loss.resolve_kernel(cfg.logit_kernel, student.config.vocab_size)
     return Stage(
         name=cfg.name, type=cfg.type, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, cfg=cfg, layers=layers, logit_loss=logit_loss
     )

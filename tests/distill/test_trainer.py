@@ -143,6 +143,10 @@ def test_bad_inputs_fail_before_any_compute(teacher, tmp_path):
     cfg = _one_stage(C.stage_config(type="logit_kd", steps=2))
     with pytest.raises(C.ConfigError, match="needs a teacher model"):
         Trainer(cfg, student, teacher=None, workdir=tmp_path, data_fn=_data)
+    for kernel, match in (("triton", "logit_kernel='triton'; use one of"), ("pallas_gpu", "without top_k only")):
+        cfg = _one_stage(C.stage_config(type="logit_kd", steps=2, loss="reverse_kl", logit_kernel=kernel))
+        with pytest.raises(C.ConfigError, match=match):
+            Trainer(cfg, student, teacher=teacher, workdir=tmp_path, data_fn=_data)
     cfg = _one_stage(C.stage_config(type="attention_alignment", steps=2))
     with pytest.raises(C.ConfigError, match="no layer to align"):
         Trainer(cfg, nnx.clone(teacher), teacher=teacher, workdir=tmp_path, data_fn=_data)
