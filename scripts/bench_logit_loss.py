@@ -20,25 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_kda import time_jax  # noqa: E402  (median of device-synchronised calls after a warm-up)
+
 D, V = 1024, 151936
 COPY_BW = {"H200": 4.3e12, "H100": 3.0e12}  # measured copy bandwidth (device KINDS.md)
-
-
-def timed(fn, args, iters):
-    import jax
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def main():
@@ -88,8 +77,8 @@ def bench_rows(rows, args, rng, head, t_head):
         def core(s, t, kernel=kernel):
             return L._chunk_sums_and_logit_grad(loss, kernel, s, t, mask, labels, inv_den, bf)
 
-        row["loss_ms"] = 1e3 * timed(jax.jit(jax.value_and_grad(whole, (0, 1))), (hs, head), args.iters)
-        row["core_ms"] = 1e3 * timed(jax.jit(core), (s_logits, t_logits), args.iters)
+        row["loss_ms"] = 1e3 * time_jax(jax.jit(jax.value_and_grad(whole, (0, 1))), (hs, head), args.iters)[0]
+        row["core_ms"] = 1e3 * time_jax(jax.jit(core), (s_logits, t_logits), args.iters)[0]
         row["core_floor_ms"] = 1e3 * floor_bytes / bw if bw else None
         row["core_share_of_bandwidth"] = floor_bytes / (row["core_ms"] / 1e3) / bw if bw else None
         emit(row, args.out)
@@ -104,7 +93,7 @@ def bench_rows(rows, args, rng, head, t_head):
 
         row = dict(device=kind, rows=rows, vocab=args.vocab, tiling=tiling)
         try:
-            row["kernels_ms"] = 1e3 * timed(jax.jit(kernels), (s_logits[0], t_logits[0]), args.iters)
+            row["kernels_ms"] = 1e3 * time_jax(jax.jit(kernels), (s_logits[0], t_logits[0]), args.iters)[0]
             row["share_of_bandwidth"] = floor_bytes / (row["kernels_ms"] / 1e3) / bw if bw else None
         except Exception as e:  # e.g. a tiling over the register or shared-memory limit
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
