@@ -253,15 +253,20 @@ def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype, kernel: str
         n = -(-t // chunk)
         inv_den = 1.0 / jnp.maximum(jnp.sum(mask), 1.0)
         head_c = head.astype(s_dtype)
+        # XLA's CPU dot thunk has no bf16 x bf16 -> f32 kernel for the transposed head-gradient
+        # product: on CPU the gradient matmuls take the same bf16 values as float32 operands
+        # (bf16 products are exact in float32, so only the summation order differs).
+        mm_dtype = jnp.float32 if jax.default_backend() == "cpu" else s_dtype
 
         def body(d_head, xs):
             hs_c, ht_c, m_c, lab_c = xs
             s_logits = lm_head_logits(hs_c, head_c, s_dtype)
             t_logits = None if ht_c is None else lm_head_logits(ht_c, t_head, t_dtype)
             sums, ds = _chunk_sums_and_logit_grad(loss, kernel, s_logits, t_logits, m_c, lab_c, inv_den, s_dtype)
-            ds = constrain(ds, "b.h")
-            dh_c = jnp.einsum("...v,dv->...d", ds, head_c, preferred_element_type=jnp.float32)
-            dw_c = jnp.einsum("...d,...v->dv", hs_c.astype(s_dtype), ds, preferred_element_type=jnp.float32)
+            ds = constrain(ds, "b.h").astype(mm_dtype)
+            dh_c = jnp.einsum("...v,dv->...d", ds, head_c.astype(mm_dtype), preferred_element_type=jnp.float32)
+            dw_c = jnp.einsum("...d,...v->dv", hs_c.astype(s_dtype).astype(mm_dtype), ds,
+                              preferred_element_type=jnp.float32)
             return d_head + dw_c, (sums, dh_c.astype(hs_c.dtype))
 
         xs = (blocks(hs, n), None if ht is None else blocks(ht, n), blocks(mask, n), blocks(labels, n))
