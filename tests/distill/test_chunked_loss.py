@@ -139,6 +139,7 @@ KERNEL_CASES = [
     dict(terms=(("forward_kl", 1.0),)),
     dict(terms=(("forward_kl", 1.0),), temperature=2.0),
     dict(terms=(("ce", 1.0),)),
+    dict(terms=(("ce", 1.0),), temperature=0.5),  # CE ignores tau: the kernels' separate raw-logit pass
     dict(terms=(("forward_kl", 0.9), ("ce", 0.1)), temperature=2.0),
 ]
 
