@@ -11,6 +11,11 @@ hidden-state alignment 30M, logit KD on pretraining-style text 500M, KD on instr
 with completion-only masks and frozen attention 250M; pure forward KL; lr 2.5e-5, batch 64 x
 4096, warmup-stable-decay with 10% warmup and 10% decay. Text records are {"text": ...}, chats
 {"messages": [...]} (docs/data.md); any source kind works (jsonl, parquet, tfds, hf_disk).
+
+The batch of 64 rows is global. Where 64 rows do not fit your GPUs at once, split it into
+microbatches with --config.train.grad_accum=N (N x data x fsdp must divide 64;
+docs/training.md). For scale: one H200 ran 4 rows of 4096 tokens per pass without remat and
+ran out of memory at 8 (this config turns remat on, which was not measured).
 """
 
 from hybrid_jax.config import default_config, stage_config
