@@ -35,6 +35,11 @@ from hybrid_jax.sharding import constrain, mesh_axis_size, per_shard
 LOGIT_KERNELS = ("auto", "xla", "pallas_gpu", "pallas_interpret")
 
 
+def real_token_mask(batch) -> jax.Array:
+    """[B,T] float32: 1 at every real (segment > 0) token, what the alignment losses average over."""
+    return (jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.float32)
+
+
 def token_mask(batch) -> jax.Array:
     """[B,T] float32: 1 where a token is a real (segment > 0) target (loss_mask = 1)."""
     seg = jnp.asarray(batch["segment_ids"])
@@ -154,6 +159,11 @@ class LogitLoss:
                 raise ConfigError(f"LogitLoss: {kind!r} is not a logit objective; use forward_kl, reverse_kl, jsd or ce")
 
     @property
+    def weights(self) -> jax.Array:
+        """[K] float32: each term's weight, in the order of `terms`."""
+        return jnp.asarray([w for _, w in self.terms], jnp.float32)
+
+    @property
     def needs_teacher(self) -> bool:
         return any(k != "ce" for k, _ in self.terms)
 
@@ -241,7 +251,6 @@ def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype, kernel: str
     by the incoming cotangent, so nothing [B, T, V]-sized is stored or recomputed. Zero-padded
     positions beyond T carry mask 0.
     """
-    weights = jnp.asarray([w for _, w in loss.terms], jnp.float32)
 
     def blocks(x, n):  # [B, T, ...] -> [n, B, chunk, ...], zero padded to n * chunk positions
         b, t = x.shape[:2]
@@ -273,7 +282,7 @@ def _fused_logit_loss(loss: LogitLoss, chunk: int, s_dtype, t_dtype, kernel: str
         d_head, (sums, dh) = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), xs)
         values = jnp.sum(sums, axis=0) * inv_den
         dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * chunk, -1)[:, :t]
-        return (jnp.dot(weights, values), values), (dh, d_head.astype(head.dtype))
+        return (jnp.dot(loss.weights, values), values), (dh, d_head.astype(head.dtype))
 
     @jax.custom_vjp
     def fused(hs, head, ht, t_head, mask, labels):
@@ -298,11 +307,10 @@ def _masked_sum(v, m):
 def _chunk_sums_and_logit_grad(loss: LogitLoss, kernel: str, s_logits, t_logits, m, labels, inv_den, grad_dtype):
     """Per-term masked sums [K] of one chunk and d(weights . sums * inv_den)/d s_logits in
     `grad_dtype` (the dtype of the student's gradient matmuls)."""
-    weights = jnp.asarray([w for _, w in loss.terms], jnp.float32)
     if kernel == "xla":
         def total(s):
             sums = jnp.stack([_masked_sum(v, m) for v in loss.per_token(s, t_logits, labels)])
-            return jnp.dot(weights, sums), sums
+            return jnp.dot(loss.weights, sums), sums
 
         _, vjp, sums = jax.vjp(total, s_logits, has_aux=True)
         return sums, vjp(inv_den)[0].astype(grad_dtype)
@@ -310,9 +318,10 @@ def _chunk_sums_and_logit_grad(loss: LogitLoss, kernel: str, s_logits, t_logits,
     from pallas_kernels import logit_loss
 
     tau = loss.temperature
+    kinds = {k for k, _ in loss.terms}
+    kl, ce = "forward_kl" in kinds, "ce" in kinds
     w_kl = sum(w for k, w in loss.terms if k == "forward_kl")
     w_ce = sum(w for k, w in loss.terms if k == "ce")
-    kl, ce = any(k == "forward_kl" for k, _ in loss.terms), any(k == "ce" for k, _ in loss.terms)
     interpret = kernel == "pallas_interpret"
 
     def rows(s, t, m, labels, inv_den):  # per shard of batch rows
@@ -338,7 +347,7 @@ class ActivationMSE:
     """Mean over layers of the per-token MSE between student and teacher activations."""
 
     def compute_loss(self, student_acts, teacher_acts, batch, layer_ids):
-        mask = (jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.float32)
+        mask = real_token_mask(batch)
         metrics = {}
         total = jnp.zeros((), jnp.float32)
         for i, s, t in zip(layer_ids, student_acts, teacher_acts, strict=True):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.config import ConfigError, parse_loss
-from hybrid_jax.distill.losses import ActivationMSE, LogitLoss, prediction_mask
+from hybrid_jax.distill.losses import ActivationMSE, LogitLoss, prediction_mask, real_token_mask
 
 
 def mixer_kind(mixer) -> str:
@@ -95,7 +95,7 @@ class Stage:
         the logit stages. Gradient accumulation weights microbatches by it, so the summed
         gradient equals the whole batch's."""
         if self.type in ("attention_alignment", "hidden_alignment"):
-            return jnp.sum(jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.float32)
+            return jnp.sum(real_token_mask(batch))
         return jnp.sum(prediction_mask(batch))
 
     def compute_loss(self, student, teacher, batch):
