@@ -34,7 +34,8 @@ gate/cumsum kernel of gate_cumsum.py):
             bwd_pairs  (B,H,chunks)  dv, dbeta, dA, dP (reductions over K and V)
             bwd_channels (B,H,chunks x 16-row blocks x K tiles)  dq, dk, dG
 Residuals kept by the forward pass: the inputs, h, v_new and the per-chunk P, M, A
-(3C floats per token and head; recomputing them cost more than the forward's intra kernel);
+(3C numbers per token and head, P in bf16 under bf16 products; recomputing them cost more
+than the forward's intra kernel);
 a forward pass that is not differentiated writes no M and A.
 Segment resets enter as masks on A, P, Gam and the state update (run ids / flags), never as
 -inf in G.
@@ -175,8 +176,8 @@ def _in_block_levels(G, mm):
     for L in LEVELS:
         sel, pair, query_row = _level_pairs(n, width, L)
         r = _mm(sel, G, mm)
-        yield (pair, jnp.exp(jnp.where(query_row, G - r, -jnp.inf)),
-               jnp.exp(jnp.where(query_row, -jnp.inf, r - G)))
+        e = jnp.exp(jnp.where(query_row, G - r, r - G))  # every row is a query or a key row
+        yield pair, jnp.where(query_row, e, 0.0), jnp.where(query_row, 0.0, e)
 
 
 def _levels_mm(mm):
@@ -201,8 +202,10 @@ def _chunk_pairs(q_ref, k_ref, g_ref, d_ref, *, C, K, bk, mm):
         G, k, q = _f32(g_ref[:, cols]), _f32(k_ref[:, cols]), _f32(q_ref[:, cols])
         for j in range(nb - 1):
             r = _f32(g_ref[pl.ds(j * BC + BC - 1, 1), cols])
-            e_left = jnp.exp(jnp.where(blk > j, G - r, -jnp.inf))
-            right = k * jnp.exp(jnp.where(blk == j, r - G, -jnp.inf))
+            # one exp per element: rows after block j are queries, block j's rows keys
+            e = jnp.exp(jnp.where(blk > j, G - r, jnp.where(blk == j, r - G, -jnp.inf)))
+            e_left = jnp.where(blk > j, e, 0.0)
+            right = k * jnp.where(blk == j, e, 0.0)
             A = A + _mm_nt(k * e_left, right, mm)
             P = P + _mm_nt(q * e_left, right, mm)
         return A, P
@@ -293,7 +296,7 @@ def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref
     """residual_refs: (M, A) for the backward pass, or none (a forward pass alone)."""
     A, P, beta, M = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, d_ref, C=C, K=K, bk=bk,
                                   seg=seg, mm=mm)
-    p_ref[...] = P
+    p_ref[...] = P.astype(p_ref.dtype)
     if residual_refs:
         m_ref, a_ref = residual_refs
         m_ref[...] = M
@@ -496,7 +499,8 @@ def _operand_dtype(mode):
     """Storage of an array whose readers use it only as an operand of products in matmul
     `mode`: bf16 when those take bf16 operands (the same rounding, half the bytes). W, kd and
     q*Gam follow the state kernels' mode (cfg.mm_state); h, dh, v_new and d v_new the per-chunk
-    kernels' (cfg.mm; h and dh also enter the elementwise sum of d/dG_C), as fla stores them."""
+    kernels' (cfg.mm; h and dh also enter the elementwise sum of d/dG_C), as fla stores them,
+    and P, which enters only products too."""
     return jnp.bfloat16 if mode == "bf16" else jnp.float32
 
 
@@ -551,7 +555,7 @@ def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals=True):
         out_specs=[ck, cv, cp, ck] + [cp, cp] * residuals,
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm_state)),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H, C), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, C), _operand_dtype(cfg.mm)),
                    jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm_state))]
         + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2 * residuals,
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
@@ -715,7 +719,7 @@ def _kda_core_bwd(cfg, res, cts):
     q, k, v, G, beta, run, fs, ls, h, vn, P, M, A = res
     do, dsT = cts
     do = do.astype(v.dtype)
-    # The per-chunk [C, C] matrices P, M, A are kept (3 C floats per token and head) rather
+    # The per-chunk [C, C] matrices P, M, A are kept (3 C numbers per token and head) rather
     # than recomputed; W, kd and q*Gam are cheap products of them, recomputed here.
     w, kd, qg, dvl = _intra_prep_bwd(q, k, G, beta, fs, ls, M, P, do, cfg)
     dh, dvn, ds0 = _state_bwd(G, fs, w, kd, qg, do, dvl, dsT, cfg)
