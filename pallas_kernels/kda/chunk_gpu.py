@@ -32,7 +32,7 @@ gate/cumsum kernel of gate_cumsum.py):
   backward  intra_prep (B,H,chunks)  W, kd, q Gam (from M) and P^T do
             state_bwd  (B,H,V tiles) reverse: dS after each chunk, d v_new, dS_0
             bwd_pairs  (B,H,chunks)  dv, dbeta, dA, dP (reductions over K and V)
-            bwd_channels (B,H,chunks x K tiles)  dq, dk, dG, block by block
+            bwd_channels (B,H,chunks x 16-row blocks x K tiles)  dq, dk, dG
 Residuals kept by the forward pass: the inputs, h, v_new and the per-chunk P, M, A
 (3C numbers per token and head, P in bf16 under bf16 products; recomputing them cost more
 than the forward's intra kernel);
@@ -409,58 +409,56 @@ def _intra_bwd_pairs_kernel(k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref,
 
 def _intra_bwd_channels_kernel(q_ref, k_ref, g_ref, fs_ref, ls_ref, da_ref, dp_ref, do_ref,
                                vn_ref, dv_ref, h_ref, dh_ref, dq_ref, dk_ref, dg_ref, dgl_ref,
-                               *, C, seg, mm):
-    """One chunk and one K tile, elementwise in the channel: dq, dk, dG, 16-row block by block.
+                               *, C, NK, seg, mm):
+    """One 16-row block i of one chunk and one K tile, elementwise in the channel: dq, dk, dG.
 
-    The chunk's q/k/g tile, h and dh are loaded once for its four blocks (one program per
-    block re-read them four times, and loads, not arithmetic, set this kernel's time). With
-    S_after = diag(exp(G_C)) S + (k dec)^T v_new and A, P as in the forward pass, the pairs
-    (t, s) of block i split into: s in an earlier block (its rows as queries), t in a later
-    block (its rows as keys) and both in block i (`_block_pair_grads`).
-    dgl gets the chunk's d/dG_C but for the in-chunk cumsum's share (added by the caller)."""
+    q/k/g refs hold the whole chunk's K tile; do, vn, dv (= T^T d v_new) the block's rows.
+    With S_after = diag(exp(G_C)) S + (k dec)^T v_new and A, P as in the forward pass, the
+    pairs (t, s) split into: s in an earlier block (this block's rows as queries), t in a
+    later block (its rows as keys) and both in block i (`_block_pair_grads`).
+    dgl gets this block's share of d/dG_C (summed over blocks by the caller)."""
+    i = (pl.program_id(2) // NK) % (C // BC)
+    r0 = pl.multiple_of(i * BC, BC)
+    rows = pl.ds(r0, BC)
+    cols = slice(None)
+    G, gam, dec, gl = _decays(g_ref, fs_ref, ls_ref, cols, C, seg, rows)
+    q, k = _f32(q_ref[rows, :]), _f32(k_ref[rows, :])
+    hc, dhc = h_ref[...], dh_ref[...]
+    dqg = _mm_nt(do_ref[...], hc, mm)
+    dkd = _mm_nt(vn_ref[...], dhc, mm)
+    dKg = -_mm_nt(dv_ref[...], hc, mm)  # T^T dW with dW = -d v_new S^T
+    kd = k * dec
+    dq = dqg * gam
+    dk = dKg * gam + dkd * dec
+    dG = (dKg * k + dqg * q) * gam - dkd * kd
+    hdh = jnp.transpose(jnp.sum(_f32(hc) * _f32(dhc), axis=1, keepdims=True))
+    dgl_ref[...] = (jnp.sum(dkd * kd, axis=0, keepdims=True)
+                    + jnp.where(i == C // BC - 1, hdh * gl, 0.0))
+
     G_all, k_all, q_all = _f32(g_ref[...]), _f32(k_ref[...]), _f32(q_ref[...])
     row_all = _iota(G_all.shape, 0)
-    hc, dhc = h_ref[...], dh_ref[...]
-    nb = C // BC
-    dgl = jnp.zeros((1, G_all.shape[1]), jnp.float32)
-    for i in range(nb):
-        r0 = i * BC
-        rows = pl.ds(r0, BC)
-        G, gam, dec, gl = _decays(g_ref, fs_ref, ls_ref, slice(None), C, seg, rows)
-        q, k = _f32(q_ref[rows, :]), _f32(k_ref[rows, :])
-        dqg = _mm_nt(do_ref[rows, :], hc, mm)
-        dkd = _mm_nt(vn_ref[rows, :], dhc, mm)
-        dKg = -_mm_nt(dv_ref[rows, :], hc, mm)  # T^T dW with dW = -d v_new S^T
-        kd = k * dec
-        dq = dqg * gam
-        dk = dKg * gam + dkd * dec
-        dG = (dKg * k + dqg * q) * gam - dkd * kd
-        dgl = dgl + jnp.sum(dkd * kd, axis=0, keepdims=True)
-        if i == nb - 1:
-            hdh = jnp.transpose(jnp.sum(_f32(hc) * _f32(dhc), axis=1, keepdims=True))
-            dgl = dgl + hdh * gl
-        if i > 0:  # keys in earlier blocks, through the reference r = G at this block's first row
-            r = _f32(g_ref[pl.ds(r0, 1), :])
-            e_q = jnp.exp(G - r)
-            k_e = k_all * jnp.exp(jnp.where(row_all < r0, r - G_all, -jnp.inf))
-            dlq, dlk = _mm(dp_ref[rows, :], k_e, mm), _mm(da_ref[rows, :], k_e, mm)
-            dq = dq + dlq * e_q
-            dk = dk + dlk * e_q
-            dG = dG + (dlq * q + dlk * k) * e_q
-        if i < nb - 1:  # queries in later blocks, through r = G at this block's last row
-            r = _f32(g_ref[pl.ds(r0 + BC - 1, 1), :])
-            e_t = jnp.exp(jnp.where(row_all >= r0 + BC, G_all - r, -jnp.inf))
-            blk_cols = pl.ds(r0, BC)
-            dr = (_mm_tn(da_ref[:, blk_cols], k_all * e_t, mm)
-                  + _mm_tn(dp_ref[:, blk_cols], q_all * e_t, mm)) * jnp.exp(r - G)
-            dk = dk + dr
-            dG = dG - dr * k
-        rq, rk, cs = _block_pair_grads(G, q, k, dp_ref[rows, pl.ds(r0, BC)],
-                                       da_ref[rows, pl.ds(r0, BC)], _levels_mm(mm))
-        dq_ref[rows, :] = (dq + rq).astype(dq_ref.dtype)
-        dk_ref[rows, :] = (dk + rk + cs).astype(dk_ref.dtype)
-        dg_ref[rows, :] = dG + q * rq + k * rk - k * cs
-    dgl_ref[...] = dgl
+    # Keys in earlier blocks, through the reference r = G at this block's first row.
+    r = _f32(g_ref[pl.ds(r0, 1), :])
+    e_q = jnp.exp(G - r)
+    k_e = k_all * jnp.exp(jnp.where(row_all < r0, r - G_all, -jnp.inf))
+    dlq, dlk = _mm(dp_ref[rows, :], k_e, mm), _mm(da_ref[rows, :], k_e, mm)
+    dq = dq + dlq * e_q
+    dk = dk + dlk * e_q
+    dG = dG + (dlq * q + dlk * k) * e_q
+    # Queries in later blocks, through r = G at this block's last row.
+    r = _f32(g_ref[pl.ds(r0 + BC - 1, 1), :])
+    e_t = jnp.exp(jnp.where(row_all >= r0 + BC, G_all - r, -jnp.inf))
+    blk_cols = pl.ds(r0, BC)
+    dr = (_mm_tn(da_ref[:, blk_cols], k_all * e_t, mm)
+          + _mm_tn(dp_ref[:, blk_cols], q_all * e_t, mm)) * jnp.exp(r - G)
+    dk = dk + dr
+    dG = dG - dr * k
+
+    rq, rk, cs = _block_pair_grads(G, q, k, dp_ref[rows, blk_cols], da_ref[rows, blk_cols],
+                                   _levels_mm(mm))
+    dq_ref[...] = (dq + rq).astype(dq_ref.dtype)
+    dk_ref[...] = (dk + rk + cs).astype(dk_ref.dtype)
+    dg_ref[...] = dG + q * rq + k * rk - k * cs
 
 
 def _block_pair_grads(G, q, k, dP, dA, mm):
@@ -663,31 +661,37 @@ def _intra_bwd_pairs(k, v, G, beta, run, fs, ls, M, A, do, h, vn, dvn, cfg):
 
 
 def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh, cfg):
-    """Grid (B, H, chunks x K tiles). Returns dq, dk, dG and each chunk's d/dG_C (less the
-    cumsum's share), [B, Tp/C, H, K]."""
+    """Grid (B, H, chunks x 16-row blocks x K tiles). Returns dq, dk, dG and the per-block
+    shares of d/dG_C, [B, Tp/16, H, K]."""
     B, Tp, H, K = q.shape
     V = do.shape[-1]
     C, bk = cfg.C, cfg.bk_channels
-    NK = K // bk
+    NK, NB = K // bk, C // BC
 
-    def chunk(width, tiled=False, rows=C):
-        return pl.BlockSpec((None, rows, None, width),
+    def chunk(width, tiled=False):
+        return pl.BlockSpec((None, C, None, width),
+                            lambda b, h, n: (b, n // (NB * NK), h, n % NK if tiled else 0))
+
+    def block_rows(width, tiled=False):
+        return pl.BlockSpec((None, BC, None, width),
                             lambda b, h, n: (b, n // NK, h, n % NK if tiled else 0))
 
-    state = pl.BlockSpec((None, None, None, bk, V), lambda b, h, n: (b, h, n // NK, n % NK, 0))
-    flags = pl.BlockSpec((None, C), lambda b, h, n: (b, n // NK))
+    state = pl.BlockSpec((None, None, None, bk, V),
+                         lambda b, h, n: (b, h, n // (NB * NK), n % NK, 0))
+    flags = pl.BlockSpec((None, C), lambda b, h, n: (b, n // (NB * NK)))
+    last = pl.BlockSpec((None, 1, None, bk), lambda b, h, n: (b, n // NK, h, n % NK))
     tile = chunk(bk, tiled=True)
     f32 = jnp.float32
     return pl.pallas_call(
-        functools.partial(_intra_bwd_channels_kernel, C=C, seg=cfg.seg, mm=cfg.mm),
-        grid=(B, H, Tp // C * NK),
-        in_specs=[tile, tile, tile, flags, flags, chunk(C), chunk(C), chunk(V), chunk(V), chunk(V),
-                  state, state],
-        out_specs=[tile] * 3 + [chunk(bk, tiled=True, rows=1)],
+        functools.partial(_intra_bwd_channels_kernel, C=C, NK=NK, seg=cfg.seg, mm=cfg.mm),
+        grid=(B, H, Tp // C * NB * NK),
+        in_specs=[tile, tile, tile, flags, flags, chunk(C), chunk(C),
+                  block_rows(V), block_rows(V), block_rows(V), state, state],
+        out_specs=[block_rows(bk, True)] * 3 + [last],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), q.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, K), k.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, K), f32),
-                   jax.ShapeDtypeStruct((B, Tp // C, H, K), f32)],
+                   jax.ShapeDtypeStruct((B, Tp // BC, H, K), f32)],
         name="kda_intra_bwd_channels", **_params(cfg, cfg.warps_blocks),
     )(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh)
 
@@ -723,7 +727,8 @@ def _kda_core_bwd(cfg, res, cts):
     dq, dk, dG, dGl = _intra_bwd_channels(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh, cfg)
     B, Tp, H, K = G.shape
     C = cfg.C
-    dG = dG.reshape(B, Tp // C, C, H, K).at[:, :, C - 1].add(dGl).reshape(B, Tp, H, K)
+    dG = dG.reshape(B, Tp // C, C, H, K).at[:, :, C - 1].add(
+        dGl.reshape(B, Tp // C, C // BC, H, K).sum(axis=2)).reshape(B, Tp, H, K)
     zero = jnp.zeros_like
     return (dq, dk, dv.astype(v.dtype), dG, db.astype(beta.dtype), ds0, zero(run), zero(fs),
             zero(ls))
