@@ -184,7 +184,9 @@ def kernel_cfg(shape, variant=None, interpret=False):
 
 def breakdown(shape, iters, variants):
     """Time each Pallas kernel alone (fwd: diag, intra, state, out; bwd: prep, state, pairs,
-    channels) per variant."""
+    channels) per variant. A variant with "fwd_only" times the prefill's forward kernels alone
+    (intra_fwd then writes no M and A, as in a pass that is not differentiated) and compiles
+    no backward kernel."""
     import jax
     import jax.numpy as jnp
 
@@ -209,27 +211,29 @@ def breakdown(shape, iters, variants):
             def jit(f, cfg=cfg, **kws):
                 return jax.jit(lambda *a: f(*a, cfg, **kws))
 
-            intra, state, out = jit(cg._intra_fwd), jit(cg._state_fwd), jit(cg._out_fwd, out_dtype=bf)
-            prep, sbwd = jit(cg._intra_prep_bwd), jit(cg._state_bwd)
-            pairs, chans = jit(cg._intra_bwd_pairs), jit(cg._intra_bwd_channels)
-            diag = jit(cg._diag_pairs)
+            # fwd_only: the prefill's kernels (intra without the M, A residuals), no backward
+            fwd_only = bool(kw.get("fwd_only"))
+            diag, state = jit(cg._diag_pairs), jit(cg._state_fwd)
+            intra, out = jit(cg._intra_fwd, residuals=not fwd_only), jit(cg._out_fwd, out_dtype=bf)
             d = diag(q, k, G)
-            w, u, p, kd, M, A = intra(q, k, v, G, beta, m, m, m, d)
+            w, u, p, kd, *MA = intra(q, k, v, G, beta, m, m, m, d)
             h, vn, sT = state(G, m, w, u, kd, s0)
-            w, kd, qg, dvl = prep(q, k, G, beta, m, m, M, p, dov)
-            dh, dvn, _ = sbwd(G, m, w, kd, qg, dov, dvl, s0)
-            dv, db, dA, dP = pairs(k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)
-            for name, fn, args in (
-                    ("diag_fwd", diag, (q, k, G)),
-                    ("intra_fwd", intra, (q, k, v, G, beta, m, m, m, d)),
-                    ("state_fwd", state, (G, m, w, u, kd, s0)),
-                    ("out_fwd", out, (q, G, m, p, h, vn)),
-                    ("prep_bwd", prep, (q, k, G, beta, m, m, M, p, dov)),
-                    ("state_bwd", sbwd, (G, m, w, kd, qg, dov, dvl, s0)),
-                    ("pairs_bwd", pairs, (k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)),
-                    ("channels_bwd", chans, (q, k, G, m, m, dA, dP, dov, vn, dv, h, dh))):
-                if kw.get("fwd_only") and name.endswith("_bwd"):
-                    continue
+            timed = [("diag_fwd", diag, (q, k, G)),
+                     ("intra_fwd", intra, (q, k, v, G, beta, m, m, m, d)),
+                     ("state_fwd", state, (G, m, w, u, kd, s0)),
+                     ("out_fwd", out, (q, G, m, p, h, vn))]
+            if not fwd_only:
+                M, A = MA
+                prep, sbwd = jit(cg._intra_prep_bwd), jit(cg._state_bwd)
+                pairs, chans = jit(cg._intra_bwd_pairs), jit(cg._intra_bwd_channels)
+                w, kd, qg, dvl = prep(q, k, G, beta, m, m, M, p, dov)
+                dh, dvn, _ = sbwd(G, m, w, kd, qg, dov, dvl, s0)
+                dv, db, dA, dP = pairs(k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)
+                timed += [("prep_bwd", prep, (q, k, G, beta, m, m, M, p, dov)),
+                          ("state_bwd", sbwd, (G, m, w, kd, qg, dov, dvl, s0)),
+                          ("pairs_bwd", pairs, (k, v, G, beta, m, m, m, M, A, dov, h, vn, dvn)),
+                          ("channels_bwd", chans, (q, k, G, m, m, dA, dP, dov, vn, dv, h, dh))]
+            for name, fn, args in timed:
                 row[name + "_ms"] = round(time_jax(fn, args, iters)[0] * 1e3, 3)
         except Exception as e:  # e.g. a variant over the shared-memory limit
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
