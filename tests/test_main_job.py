@@ -61,6 +61,8 @@ def test_main_job_end_to_end_and_rerun(run):
     assert (workdir / "tokenizer" / "tokenizer.json").exists()
     steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
     assert steps and steps[-1] == 8
+    assert "training curves plotted" in first.stdout
+    assert (workdir / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
     # The same command again: the teacher comes from the cache and the finished run is not retrained.
     again = cli(workdir)

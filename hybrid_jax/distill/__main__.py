@@ -98,8 +98,11 @@ def restore_allmem_hparams(student) -> None:
 
 
 def run(config, workdir: str, print_fn=print) -> dict:
+    import jax
+
     import hybrid_jax as hj
     from hybrid_jax.config import validate_config
+    from hybrid_jax.distill.metrics import plot_metrics
     from hybrid_jax.distill.trainer import Trainer, pipeline_data_fn
     from hybrid_jax.eval.report import evaluate_models, write_report
 
@@ -114,6 +117,8 @@ def run(config, workdir: str, print_fn=print) -> dict:
     restore_allmem_hparams(student)
     for name, s in summary["stages"].items():
         print_fn(f"stage {name}: loss {s['first_loss']:.4g} -> {s['last_loss']:.4g} over {s['steps']} steps")
+    if jax.process_index() == 0:
+        print_fn(f"training curves plotted: {plot_metrics(workdir)}")
     out = {"summary": summary}
     if config.eval.enabled:
         from hybrid_jax.data import microworld

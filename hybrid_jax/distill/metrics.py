@@ -79,3 +79,77 @@ class MetricsWriter:
 def read_metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# (metric, panel title, log scale when every value is positive)
+PLOTTED = (("loss_mean", "loss (mean since the previous line)", True),
+           ("grad_norm", "gradient norm (before clipping)", True),
+           ("lr", "learning rate", False),
+           ("tokens_per_s", "tokens / s", False))
+
+
+def metric_series(records: list[dict], name: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{stage: (global steps, values)} of one metric, in the order the stages first appear;
+    records without the metric, and non-finite values (written as strings), are left out."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for rec in records:
+        v = rec.get(name)
+        if isinstance(v, int | float) and math.isfinite(v):
+            steps, values = series.setdefault(rec.get("stage", "train"), ([], []))
+            steps.append(int(rec["step"]))
+            values.append(float(v))
+    return series
+
+
+def plot_metrics(workdir: str, path: str | None = None) -> str:
+    """Plot `PLOTTED` from `<workdir>/metrics.jsonl` against the global step, one colour per
+    stage and a dotted line where each later stage starts; returns the PNG's path (default
+    `<workdir>/metrics.png`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    if not records:
+        raise ValueError(f"{workdir}/metrics.jsonl holds no records to plot")
+    stages = list(dict.fromkeys(rec.get("stage", "train") for rec in records))
+    starts = {s: min(r["step"] for r in records if r.get("stage", "train") == s) for s in stages}
+    colours = {s: f"C{i % 10}" for i, s in enumerate(stages)}
+    fig, axes = plt.subplots(len(PLOTTED), 1, figsize=(8, 2.2 * len(PLOTTED)), sharex=True)
+    for ax, (name, title, log_scale) in zip(axes, PLOTTED, strict=True):
+        series = metric_series(records, name)
+        for stage, (steps, values) in series.items():
+            ax.plot(steps, values, marker="." if len(steps) < 50 else None, color=colours[stage],
+                    label=stage)
+        if log_scale and series and all(v > 0 for _, vs in series.values() for v in vs):
+            ax.set_yscale("log")
+        for stage in stages[1:]:
+            ax.axvline(starts[stage], color="grey", linestyle=":", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="stage", title_fontsize=8)
+    axes[-1].set_xlabel("global step")
+    fig.tight_layout()
+    path = path or os.path.join(workdir, "metrics.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m hybrid_jax.distill.metrics --workdir=DIR [--out=PNG]`: plot a run's metrics,
+    also while it is still running."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", default=None, help="PNG path (default: WORKDIR/metrics.png)")
+    args = ap.parse_args(argv)
+    if not os.path.exists(os.path.join(args.workdir, "metrics.jsonl")):
+        raise SystemExit(f"{args.workdir} has no metrics.jsonl (is it a distill --workdir?)")
+    print(plot_metrics(args.workdir, args.out))
+
+
+if __name__ == "__main__":
+    main()
