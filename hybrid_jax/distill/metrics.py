@@ -114,7 +114,9 @@ def plot_metrics(workdir: str, path: str | None = None) -> str:
     if not records:
         raise ValueError(f"{workdir}/metrics.jsonl holds no records to plot")
     stages = list(dict.fromkeys(rec.get("stage", "train") for rec in records))
-    starts = {s: min(r["step"] for r in records if r.get("stage", "train") == s) for s in stages}
+    # a stage's first global step: step - stage_step + 1 on any of its lines
+    starts = {s: min(r["step"] - r.get("stage_step", 1) + 1 for r in records
+                     if r.get("stage", "train") == s) for s in stages}
     colours = {s: f"C{i % 10}" for i, s in enumerate(stages)}
     fig, axes = plt.subplots(len(PLOTTED), 1, figsize=(8, 2.2 * len(PLOTTED)), sharex=True)
     for ax, (name, title, log_scale) in zip(axes, PLOTTED, strict=True):
