@@ -1,4 +1,5 @@
-"""Metrics to `<workdir>/metrics.jsonl` and, when tensorboardX is installed, TensorBoard events.
+"""Metrics to `<workdir>/metrics.jsonl` and, when tensorboardX is installed, TensorBoard events;
+`plot_metrics` (also `python -m hybrid_jax.distill.metrics --workdir=DIR`) draws them.
 
 Each JSONL line is {"step": global step, "stage": name, "stage_step": k, <metric>: value}.
 On resume the file is cut back to the restored step and TensorBoard is told to purge later
