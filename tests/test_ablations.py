@@ -29,6 +29,8 @@ def test_base_config_is_the_quickstart_with_the_short_budget():
     for name, steps in ablations.STEPS.items():
         assert base.stages[name].steps == steps < quick.stages[name].steps
         base.stages[name].steps = quick.stages[name].steps
+    assert base.stages.kd.lr == ablations.ABLATION_KD_LR != quick.stages.kd.lr
+    base.stages.kd.lr = quick.stages.kd.lr
     assert base.student.to_json(sort_keys=True) == quick.student.to_json(sort_keys=True)
     assert base.stages.to_json(sort_keys=True) == quick.stages.to_json(sort_keys=True)
     assert base.stage_order == quick.stage_order and base.seed == quick.seed
