@@ -1,5 +1,6 @@
 """The main job end to end through its CLI: cached teacher -> student -> stages -> eval table."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -7,9 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from hybrid_jax.pretrain import load_config_file
 from tests.test_pretrain_evaluate import TINY_CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("kl_before_after", REPO / "scripts" / "kl_before_after.py")
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+kl_before_after = _module.kl_before_after
 
 RUN_CONFIG = '''
 from hybrid_jax.config import default_config, stage_config
@@ -48,7 +54,7 @@ def run(tmp_path_factory):
     return root, cli
 
 
-def test_main_job_end_to_end_and_rerun(run):
+def test_main_job_end_to_end_and_rerun(run, monkeypatch):
     root, cli = run
     workdir = root / "w"
     first = cli(workdir)
@@ -63,6 +69,15 @@ def test_main_job_end_to_end_and_rerun(run):
     assert steps and steps[-1] == 8
     assert "training curves plotted" in first.stdout
     assert (workdir / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    # scripts/kl_before_after.py on this workdir (8 steps of a tiny teacher: the README reports
+    # the quickstart's numbers; here only that it scores the right stage and checkpoint)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "cache"))  # the CLI's cached teacher
+    config = load_config_file(str(root / "run.py"))
+    kl = kl_before_after(config, str(workdir), batches=2)
+    assert kl["stage"] == "kd" and kl["step"] == 8 and kl["batches"] == 2
+    assert all(0 <= kl[k] < float("inf") for k in ("init", "final")) and kl["init"] != kl["final"], kl
+    with pytest.raises(ValueError, match="not one of the config's stages"):
+        kl_before_after(config, str(workdir), stage="instruct")
 
     # The same command again: the teacher comes from the cache and the finished run is not retrained.
     again = cli(workdir)
