@@ -66,9 +66,10 @@ def main(argv=None):
     res = kl_before_after(load_config_file(args.config), args.workdir, batches=args.batches,
                           stage=args.stage)
     print(json.dumps(res))
+    ratio = f" ({res['init'] / res['final']:.0f}x lower)" if res["final"] > 0 else ""
     print(f"KL(teacher || student) per target token over {res['batches']} batches of stage "
           f"{res['stage']!r}: {res['init']:.4g} as built from the teacher -> {res['final']:.4g} "
-          f"at step {res['step']} ({res['init'] / res['final']:.0f}x lower)")
+          f"at step {res['step']}{ratio}")
 
 
 if __name__ == "__main__":
