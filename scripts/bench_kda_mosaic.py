@@ -9,7 +9,7 @@ Per (batch, head, chunk of C=64 tokens): o = (q * exp(G)) @ h_chunk + P @ v_new,
 operands and fp32 accumulation as the Triton kernel under the default bf16 matmul mode.
 The inputs are the real intermediates of chunk_kda_gpu's forward pass (its own diag, intra
 and state kernels, set up as scripts/bench_kda.py's --breakdown does), in the layouts
-chunk_gpu stores them: q [B,T,H,K] bf16, G [B,T,H,K] fp32, P [B,T,H,C] fp32,
+chunk_gpu stores them: q [B,T,H,K] bf16, G [B,T,H,K] fp32, P [B,T,H,C] bf16,
 h [B,H,NT,K,V] bf16, v_new [B,T,H,V] bf16. No transposes: each block (one chunk of one head)
 is a strided box that the TMA engine copies straight from these arrays.
 
@@ -19,8 +19,8 @@ Mosaic GPU kernel: one warpgroup per CTA; plgpu.kernel over the CUDA grid
 during this chunk's products). jax 0.11.2 no longer lowers pl.pallas_call with Mosaic GPU
 compiler params (no lowering rule is registered for them: a bare AssertionError), so the
 gridded call is written as this kernel + pipeline. A V tile of 64 keeps two pipeline stages
-within the 227 KB of shared memory (a stage of q, G, P, h, v_new and o is 96 KB at bv=64,
-128 KB at bv=128); the V-tile axis is the fastest-varying CUDA grid axis so that the two
+within the 227 KB of shared memory (a stage of q, G, P, h, v_new and o is 88 KB at bv=64,
+120 KB at bv=128); the V-tile axis is the fastest-varying CUDA grid axis so that the two
 CTAs reading the same q, G, P tiles run side by side (L2 hits). Both lowering semantics
 (per-lane and warpgroup) are offered; they compile to the same speed here.
 
@@ -159,7 +159,7 @@ def out_bytes_flops(shape, C=64):
     the two products, for the whole out kernel."""
     B, T, H, K, V = shape
     n = B * T * H
-    nbytes = n * (2 * K + 4 * K + 4 * C + 2 * V + 2 * V) + B * H * (T // C) * K * V * 2
+    nbytes = n * (2 * K + 4 * K + 2 * C + 2 * V + 2 * V) + B * H * (T // C) * K * V * 2
     flops = n * (2 * K * V + 2 * C * V)
     return nbytes, flops
 
@@ -257,7 +257,7 @@ def lower_only(shape, configs):
     B, T, H, K, V = shape
     sds = jax.ShapeDtypeStruct
     ins = (sds((B, T, H, K), jnp.bfloat16), sds((B, T, H, K), jnp.float32),
-           sds((B, T, H, 64), jnp.float32), sds((B, H, T // 64, K, V), jnp.bfloat16),
+           sds((B, T, H, 64), jnp.bfloat16), sds((B, H, T // 64, K, V), jnp.bfloat16),
            sds((B, T, H, V), jnp.bfloat16))
     for bv, steps, inner, sem in configs:
         fn = jax.jit(functools.partial(out_fwd_mosaic, bv=bv, steps=steps, inner=inner,

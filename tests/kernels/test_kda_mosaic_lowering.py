@@ -22,6 +22,6 @@ def test_benchmarked_configs_lower_for_cuda(capsys):
 
 
 def test_stages_beyond_shared_memory_are_refused():
-    # bv=128 with two stages needs ~262 KB of shared memory, over the 227 KB of a Hopper SM
+    # bv=128 with two stages needs ~246 KB of shared memory, over the 227 KB of a Hopper SM
     with pytest.raises(ValueError, match="exceeds available shared memory"):
         bench.lower_only(SHAPE, [(128, 2, 16, "wg")])
