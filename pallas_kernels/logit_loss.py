@@ -30,6 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import multiprocessor_count
+
 _NEG = -1e30  # running-max start: finite, so exp(_NEG - m) is 0 rather than exp(-inf + inf)
 
 
@@ -43,6 +45,14 @@ class RowStats(NamedTuple):
 
 def _pow2_at_most(n: int) -> int:
     return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _tiles(N, V, block_rows, block_v):
+    """(rows, columns) of a tile: powers of two, the rows dividing N, the columns <= V."""
+    BR = _pow2_at_most(min(block_rows, N))
+    while N % BR:
+        BR //= 2
+    return BR, _pow2_at_most(min(block_v, V))
 
 
 def _tile_window(j, V, TV):
@@ -111,14 +121,10 @@ def row_stats(s, t=None, *, temperature=1.0, ce=False, block_rows=BLOCK_ROWS, bl
     N, V = s.shape
     kl = t is not None
     ce_raw = ce and temperature != 1.0
-    BR = _pow2_at_most(min(block_rows, N))
-    while N % BR:
-        BR //= 2
-    TV = _pow2_at_most(min(block_v, V))
+    BR, TV = _tiles(N, V, block_rows, block_v)
     n_tiles = pl.cdiv(V, TV)
     if splits is None:
-        sms = getattr(jax.devices()[0], "core_count", None) or 132
-        splits = max(1, min(n_tiles, -(-4 * sms // (N // BR))))
+        splits = max(1, min(n_tiles, -(-4 * multiprocessor_count() // (N // BR))))
     tps = pl.cdiv(n_tiles, splits)
     S = pl.cdiv(n_tiles, tps)
     rows = pl.BlockSpec((BR, V), lambda i, k: (i, 0))
@@ -176,10 +182,7 @@ def logits_grad(s, t, labels, stats: RowStats, g_kl=None, g_ce=None, *, temperat
     kl, ce = g_kl is not None, g_ce is not None
     if not (kl or ce):
         raise ValueError("logits_grad: give g_kl, g_ce or both")
-    BR = _pow2_at_most(min(block_rows, N))
-    while N % BR:
-        BR //= 2
-    TV = _pow2_at_most(min(block_v, V))
+    BR, TV = _tiles(N, V, block_rows, block_v)
     rows = pl.BlockSpec((BR, V), lambda i, j: (i, 0))
     vec = pl.BlockSpec((BR,), lambda i, j: (i,))
     args, specs = [s], [rows]

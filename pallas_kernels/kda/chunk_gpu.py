@@ -51,6 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import multiprocessor_count
 from pallas_kernels.kda.gate_cumsum import chunk_local_cumsum, chunk_local_gate_cumsum
 from pallas_kernels.kda.reference import prepare_qk, segment_resets
 
@@ -741,7 +742,7 @@ def _state_tile(programs_per_tile, V, widths=(64, 32, 16)):
     """The widest V tile whose state-kernel grid still covers the multiprocessors: the chunk
     loop is sequential, so at B*H = 16 a 64-wide tile leaves three quarters of an H100/H200
     idle (1x128K: state_fwd 13.9 ms at 64, 10.3 ms at 16)."""
-    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    sms = multiprocessor_count()
     for w in widths:
         if programs_per_tile * max(V // w, 1) >= sms:
             return w
