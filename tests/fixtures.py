@@ -3,13 +3,26 @@
     path = write_tiny_checkpoint(tmp_path, tie_word_embeddings=True, num_key_value_heads=1)
     model = hj.load_pretrained(path)
     logits = hf_logits(path, ids, mask, positions)   # transformers' Qwen3ForCausalLM, float32
+    ablations = load_script("run_ablations")          # a scripts/ file as a module
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

@@ -1,16 +1,13 @@
 """The ablation runner: every variant is a valid config differing from the baseline in what it
 names; runs share exactly the stage prefixes that are equal; rank flips; the report."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from hybrid_jax.config import resolved_stage, stage_names, validate_config
+from tests.fixtures import load_script
 
-spec = importlib.util.spec_from_file_location("run_ablations", Path(__file__).parents[1] / "scripts" / "run_ablations.py")
-ablations = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ablations)
+ablations = load_script("run_ablations")
 
 
 @pytest.mark.parametrize("axis", sorted(ablations.AXES))

@@ -1,6 +1,5 @@
 """The main job end to end through its CLI: cached teacher -> student -> stages -> eval table."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,13 +8,11 @@ from pathlib import Path
 import pytest
 
 from hybrid_jax.pretrain import load_config_file
+from tests.fixtures import load_script
 from tests.test_pretrain_evaluate import TINY_CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("kl_before_after", REPO / "scripts" / "kl_before_after.py")
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
-kl_before_after = _module.kl_before_after
+kl_before_after = load_script("kl_before_after").kl_before_after
 
 RUN_CONFIG = '''
 from hybrid_jax.config import default_config, stage_config

@@ -1,20 +1,16 @@
 """Long-context training chats: well formed, seeded, and carried by the data pipeline with
 completion masks on exactly the answer; the run script's evaluation prompts fit their length."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hybrid_jax.data import chat, microworld, pipeline
 from hybrid_jax.eval import long_context
+from tests.fixtures import load_script
 
-spec = importlib.util.spec_from_file_location("run_long_context",
-                                              Path(__file__).parents[2] / "scripts" / "run_long_context.py")
-run_long_context = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_long_context)
+run_long_context = load_script("run_long_context")
 
 
 def _counter(tok):

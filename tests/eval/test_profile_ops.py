@@ -1,16 +1,13 @@
 """scripts/profile_ops.py: kernels are charged to the source line that created them."""
 
-import importlib.util
 import inspect
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-_spec = importlib.util.spec_from_file_location(
-    "profile_ops", Path(__file__).resolve().parents[2] / "scripts" / "profile_ops.py")
-profile_ops = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(profile_ops)
+from tests.fixtures import load_script
+
+profile_ops = load_script("profile_ops")
 
 
 def _work(x):

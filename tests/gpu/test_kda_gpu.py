@@ -1,15 +1,12 @@
 """KDA Pallas kernel on the accelerator: bf16 inputs vs the fp32 jnp oracle (T=4096, K=V=128)."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "kda_accuracy", Path(__file__).resolve().parents[2] / "scripts" / "kda_accuracy.py")
-kda_accuracy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(kda_accuracy)
+from tests.fixtures import load_script
+
+kda_accuracy = load_script("kda_accuracy")
 
 
 @pytest.mark.parametrize("chunk_size,segments,diagonal", [

@@ -9,6 +9,7 @@ from kda_testing import make_inputs, rms_rel
 
 from pallas_kernels.kda import chunk_kda, fused_recurrent_kda
 from pallas_kernels.kda.reference import recurrent_kda_reference
+from tests.fixtures import load_script
 
 # A fixed sample of the grid B in {1,2}, T in {1,63,64,130,257}, H in {1,3}, K,V in {16,32,64}
 # (interpret mode is slow on CPU); each case mixes the hard parts.
@@ -125,13 +126,7 @@ def test_bf16_defaults_in_interpret_mode_match_fp32_oracle():
     # The GPU defaults for bf16 inputs (bf16 matmul operands, h / v_new / dh / d v_new and
     # W / kd / q*Gam stored in bf16) run here in interpret mode against the fp32 oracle: the
     # same measurement tests/gpu/test_kda_gpu.py bounds at T=4096, at a CPU-sized shape.
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "kda_accuracy", Path(__file__).resolve().parents[2] / "scripts" / "kda_accuracy.py")
-    kda_accuracy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kda_accuracy)
+    kda_accuracy = load_script("kda_accuracy")
     errs = kda_accuracy.errors(dict(interpret=True), T=192, H=2, K=32, V=32, segments=True, seed=3)
     assert all(np.isfinite(e) for e in errs.values()), errs
     assert all(e <= 5e-3 for e in errs.values()), errs

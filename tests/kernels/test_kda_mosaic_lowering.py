@@ -2,15 +2,12 @@
 (on the CPU: tiles, TMA layouts and the shared-memory budget are checked at lowering), and a
 config whose stages overflow shared memory is refused there."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location(
-    "bench_kda_mosaic", Path(__file__).resolve().parents[2] / "scripts" / "bench_kda_mosaic.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from tests.fixtures import load_script
+
+bench = load_script("bench_kda_mosaic")
 
 SHAPE = (1, 4096, 2, 128, 128)  # B, T, H, K, V: T a multiple of 64 chunks per CTA x 64 tokens
 
