@@ -25,17 +25,20 @@ Backward (jax.custom_vjp): nothing is saved but the inputs and the mask bits. Wi
     d y   (normalize) = scale r (dout - y r^2 sum_D(dout y)),  r = rsqrt(sum_D y^2 + eps)
     dpre  = dy * act'(pre)                 silu' = s (1 + pre (1 - s)), s = sigmoid(pre)
     dz_t  = sum_j w[ks-1-j] * dpre_{t+j} * [t+j < T and seg_{t+j} == seg_t]
-a program recomputes pre and dpre of its rows and of the HALO (4) rows after them, stores both
-to its own fp32 scratch rows ([B, nblocks, H, block_t + 4, D], an output XLA drops), and after
-a barrier reads them back j rows down for tap j (the mask of that term is bit j-1 of row t+j).
-It writes per-block partial sums sum_t z_{t-j} dpre_t mask (d w) and sum_t dpre_t (d bias),
-[B, nblocks, H, ks', D] fp32 (ks' = ks rounded up to a power of two), which XLA sums.
+two kernels on the forward's grid. Pass 1 (`_dpre_kernel`) recomputes pre of its rows, forms
+dpre and stores it rounded to z's dtype ([B, T, H, D], a transient of z's size), with per-block
+partial sums sum_t z_{t-j} dpre_t mask (d w) and sum_t dpre_t (d bias), [B, nblocks, H, ks', D]
+fp32 (ks' = ks rounded up to a power of two), which XLA sums; both sums use the fp32 dpre. Pass
+2 (`_dz_kernel`) is the forward's convolution run backwards in time: tap j is the dpre tile read
+j rows later, masked by bit j-1 of row t+j. Under bf16 the rounding of dpre adds one bf16
+rounding to each of dz's ks terms, the size of dz's own rounding to bf16.
 
-Traffic per element, bf16 z and output: forward read z 2 B + write 2 B; backward read z and
-dout 2 + 2 B, write dz 2 B, plus the scratch: 4 (block_t + 4)/block_t B written (it outgrows
-the L2 cache at the sizes below, so count it as written to memory) and read back from cache;
-4/D B of mask bits and 4 ks'/block_t B of partial sums. The scratch is a transient 2.5x the
-bytes of a bf16 z at block_t=16.
+Traffic per element, bf16 z and output: forward read z 2 B + write 2 B; backward pass 1 read z
+and dout 2 + 2 B, write dpre 2 B, pass 2 read dpre 2 B, write dz 2 B (10 B against the 6 B
+floor of reading z and dout and writing dz); 4/D B of mask bits per pass and 4 ks'/block_t B of
+partial sums. The single-kernel backward this replaced (session 7: dpre of the block and the 3
+rows after it through a per-program fp32 scratch in device memory, read back shifted after a
+barrier) moved 4 (block_t + 4)/block_t B more per element, written to memory.
 
 Measured (scripts/bench_short_conv.py, NVIDIA H200, jax 0.11.2, 2026-11-27; bf16, D=128,
 ks=4, silu + norm; medians of back-to-back calls; floor = 4 B (forward) or 10 B (forward +
@@ -67,7 +70,6 @@ from jax.experimental.pallas import triton as plgpu
 __all__ = ["short_conv_norm"]
 
 MAX_TAPS = 4
-HALO = 4         # rows after a block whose dpre the backward recomputes (>= MAX_TAPS - 1, a power of two)
 ACTIVATIONS = ("silu", "identity")
 
 
@@ -171,40 +173,32 @@ def _fwd_kernel(z_ref, bits_ref, w_ref, *refs, cfg):
     _store_rows(out_ref, _norm_out(_act(pre, cfg), cfg), start, cfg)
 
 
-def _bwd_kernel(z_ref, bits_ref, w_ref, *refs, cfg):
+def _dpre_kernel(z_ref, bits_ref, w_ref, *refs, cfg):
+    """Backward pass 1: dpre of the program's rows (stored in dpre_ref's dtype) and this block's
+    partial sums d w[j] = sum_t masked z_{t-j} dpre_t, d bias = sum_t dpre_t (from fp32 dpre)."""
     if cfg.bias:
-        b_ref, dout_ref, dz_ref, dw_ref, db_ref, scr_ref = refs
+        b_ref, dout_ref, dpre_ref, dw_ref, db_ref = refs
     else:
-        (dout_ref, dz_ref, dw_ref, scr_ref), b_ref, db_ref = refs, None, None
-    ks, bt, D = cfg.ks, cfg.bt, cfg.D
-    b, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    start = i * bt
-    taps, pre = _conv(z_ref, bits_ref, w_ref, b_ref, b, start, h, bt, cfg)
-    dpre = _dpre(pre, _tile(dout_ref, b, start, h, bt, cfg), cfg)  # 0 at rows >= T (dout reads 0)
-    # this block's partial sums: d w[j] = sum_t masked z_{t-j} dpre_t, d bias = sum_t dpre_t
+        (dout_ref, dpre_ref, dw_ref), b_ref, db_ref = refs, None, None
+    b, h, start = pl.program_id(0), pl.program_id(2), pl.program_id(1) * cfg.bt
+    taps, pre = _conv(z_ref, bits_ref, w_ref, b_ref, b, start, h, cfg.bt, cfg)
+    dpre = _dpre(pre, _tile(dout_ref, b, start, h, cfg.bt, cfg), cfg)  # 0 at rows >= T (dout reads 0)
     for j in range(cfg.ksp):
-        dw_ref[j, :] = jnp.sum(taps[j] * dpre, axis=0) if j < ks else jnp.zeros((D,), jnp.float32)
+        dw_ref[j, :] = jnp.sum(taps[j] * dpre, axis=0) if j < cfg.ks else jnp.zeros((cfg.D,), jnp.float32)
     if cfg.bias:
         db_ref[...] = jnp.sum(dpre, axis=0)
-    dz = dpre * w_ref[0, :][None, :]
-    if ks > 1:
-        # dz_t also takes dpre_{t+j}, j < ks: dpre of the next HALO rows is recomputed, and both
-        # go through the program's own fp32 scratch rows, read back j rows down after a barrier
-        # (the interpreter runs a program's threads as one: no barrier there).
-        cols = lax.broadcasted_iota(jnp.int32, (1, D), 1)
-        rows = lax.broadcasted_iota(jnp.int32, (bt, 1), 0)
-        halo_rows = bt + lax.broadcasted_iota(jnp.int32, (HALO, 1), 0)
-        _, pre_n = _conv(z_ref, bits_ref, w_ref, b_ref, b, start + bt, h, HALO, cfg)
-        dpre_n = _dpre(pre_n, _tile(dout_ref, b, start + bt, h, HALO, cfg), cfg)
-        plgpu.store(scr_ref.at[b, i, h, rows, cols], dpre)
-        plgpu.store(scr_ref.at[b, i, h, halo_rows, cols], dpre_n)
-        if not cfg.interpret:
-            plgpu.debug_barrier()
-        for j in range(1, ks):
-            # the term's mask [t+j < T and seg_{t+j} == seg_t] is bit j-1 of row t+j
-            keep = _bit(_bits(bits_ref, b, start + j, bt, cfg), j - 1)
-            up = plgpu.load(scr_ref.at[b, i, h, rows + j, cols], mask=jnp.broadcast_to(keep, (bt, D)), other=0)
-            dz = dz + up * w_ref[j, :][None, :]
+    _store_rows(dpre_ref, dpre, start, cfg)
+
+
+def _dz_kernel(dpre_ref, bits_ref, w_ref, dz_ref, *, cfg):
+    """Backward pass 2, the forward's convolution run backwards in time:
+    dz_t = sum_j w[j] dpre_{t+j} [t+j < T and seg_{t+j} == seg_t], tap j the tile read j rows
+    later; the term's mask is bit j-1 of row t+j's mask word."""
+    b, h, start = pl.program_id(0), pl.program_id(2), pl.program_id(1) * cfg.bt
+    dz = _tile(dpre_ref, b, start, h, cfg.bt, cfg) * w_ref[0, :][None, :]
+    for j in range(1, cfg.ks):
+        keep = _bit(_bits(bits_ref, b, start + j, cfg.bt, cfg), j - 1)
+        dz = dz + _tile(dpre_ref, b, start + j, h, cfg.bt, cfg, keep=keep) * w_ref[j, :][None, :]
     _store_rows(dz_ref, dz, start, cfg)
 
 
@@ -249,17 +243,15 @@ def _short_conv_bwd(cfg, res, dout):
     nb = pl.cdiv(T, cfg.bt)
     s = _specs(cfg)
     ins = [s["full"], s["full"], s["w"]] + [s["b"]] * cfg.bias + [s["full"]]
-    outs = [s["rows"], s["dw"]] + [s["db"]] * cfg.bias + [s["full"]]
-    shapes = ([jax.ShapeDtypeStruct(z.shape, z.dtype),
+    outs = [s["rows"], s["dw"]] + [s["db"]] * cfg.bias
+    shapes = ([jax.ShapeDtypeStruct(z.shape, z.dtype),  # dpre, rounded to z's dtype
                jax.ShapeDtypeStruct((B, nb, H, cfg.ksp, D), jnp.float32)]
-              + [jax.ShapeDtypeStruct((B, nb, H, D), jnp.float32)] * cfg.bias
-              # dpre of each program's rows and the HALO after them, read back shifted
-              + [jax.ShapeDtypeStruct((B, nb, H, cfg.bt + HALO, D), jnp.float32)])
-    res = _call(_bwd_kernel, cfg, z.shape, ins, outs, shapes, "kda_short_conv_bwd")(
+              + [jax.ShapeDtypeStruct((B, nb, H, D), jnp.float32)] * cfg.bias)
+    dpre, dw, *db = _call(_dpre_kernel, cfg, z.shape, ins, outs, shapes, "kda_short_conv_dpre")(
         z, bits, w, *([bias] * cfg.bias), dout)
-    dw = jnp.sum(res[1], axis=(0, 1))
-    db = jnp.sum(res[2], axis=(0, 1)) if cfg.bias else None
-    return res[0], dw, db, None
+    dz = _call(_dz_kernel, cfg, z.shape, [s["full"], s["full"], s["w"]], s["rows"],
+               jax.ShapeDtypeStruct(z.shape, z.dtype), "kda_short_conv_dz")(dpre, bits, w)
+    return dz, jnp.sum(dw, axis=(0, 1)), jnp.sum(db[0], axis=(0, 1)) if cfg.bias else None, None
 
 
 _short_conv.defvjp(_short_conv_fwd, _short_conv_bwd)

@@ -161,6 +161,7 @@ def test_forward_and_backward_lower_for_cuda(dtype, ks, bias):
         return jnp.sum(short_conv_norm(z, w, seg, bias=b, normalize=True).astype(jnp.float32))
 
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    for fn, n in [(loss, 1), (jax.value_and_grad(loss, (0, 1, 2) if bias else (0, 1)), 2)]:
+    # the forward kernel; with the gradient also the backward's two passes (dpre, then dz)
+    for fn, n in [(loss, 1), (jax.value_and_grad(loss, (0, 1, 2) if bias else (0, 1)), 3)]:
         exp = jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=checks)(z, w, b)
         assert exp.mlir_module().count("__gpu$xla.gpu.triton") == n
