@@ -51,8 +51,13 @@ at the defaults block_t=16, num_warps=2 (the fastest forward+backward of 16x2, 1
 The selection-product kernel this replaced: 0.219 / 1.78 ms and 0.809 / 6.90 ms at the same
 block_t and warps. Recomputing dpre at each row t + j from z instead of the scratch (the
 activation and norm ks times per element) took 1.7x as long forward+backward in the earlier
-call (1.15 vs 0.68 ms, 4.44 vs 2.60 ms). The backward is still far above its byte floor
-(about 0.57 ms against 0.08 ms at 8x4096x16) and has not been profiled.
+call (1.15 vs 0.68 ms, 4.44 vs 2.60 ms). The two-pass backward against that single-kernel one,
+same call (NVIDIA H100, jax 0.11.2, 2026-12-07; floor at 3.35 TB/s; backward = fwd+bwd - fwd):
+    B x T x H     fwd+bwd ms two-pass / single (% floor)   backward alone ms
+    4x4096x16     0.312 / 0.388 (32% / 26%)                 0.228 / 0.305
+    8x4096x16     0.587 / 0.745 (34% / 27%)                 0.442 / 0.601
+    1x131072x16   2.243 / 2.870 (36% / 28%)                 1.722 / 2.352
+The backward still moves its 10 B per element at about 1.5 TB/s, under the forward's 1.85.
 """
 
 from __future__ import annotations
