@@ -12,7 +12,9 @@ it), time to first token at batch 1, and greedy decode tokens/s at batch `--deco
 Writes DIR/efficiency.json and DIR/efficiency.png and prints a markdown table with the
 teacher/student ratios. A configuration that runs out of memory is recorded as OOM. Rows are
 printed as they are measured, so a run cut short keeps what it finished; `--analytic` skips
-the timed measurements (the cache sizes need no accelerator).
+the timed measurements (the cache sizes need no accelerator). Before the first timed run, every
+executable the measurements need is compiled, `--compile_workers` at a time (XLA compilation
+dominated a serial run's wall time); the timed runs themselves stay one after another.
 """
 
 from __future__ import annotations
@@ -60,9 +62,22 @@ def build_models(shape: dict, dtype: str, window: int, chunk: int, xla_conv: boo
 
 
 def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, analytic: bool,
-            repeats: int = 3, ttft_only: bool = False) -> list[dict]:
+            repeats: int = 3, ttft_only: bool = False, compile_workers: int = 0) -> list[dict]:
+    """One row per context and model; with `compile_workers` > 1, everything the timed runs will
+    execute is compiled first, that many at a time."""
     from hybrid_jax.eval import efficiency
 
+    if not analytic and compile_workers > 1:
+        t0 = time.perf_counter()
+        runs = [(1, False)] if ttft_only else [(1, False), (decode_batch, True)]  # (batch, decode)
+        done = efficiency.precompile(
+            [efficiency.Measurement(model, ctx, batch, steps, decode)
+             for ctx in contexts for model in models.values() for batch, decode in runs],
+            compile_workers)
+        oom = f"; {done.out_of_memory} out of memory, left to their measurements"
+        print(f"precompiled {done.compiled} executables in {time.perf_counter() - t0:.1f} s "
+              f"({compile_workers} threads; the first {done.lowering_seconds:.1f} s also tracing "
+              f"and lowering){oom if done.out_of_memory else ''}", flush=True)
     rows = []
     for ctx in contexts:
         for name, model in models.items():
@@ -78,7 +93,7 @@ def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, an
                         row["decode_tok_s"] = efficiency.decode_tokens_per_second(
                             model, ctx, batch_size=decode_batch, steps=steps, repeats=repeats)
             except Exception as e:  # noqa: BLE001 - an out-of-memory size is a result, recorded as such
-                if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                if not efficiency.is_out_of_memory(e):
                     raise
                 row["error"] = "OOM"
             print(json.dumps(row), flush=True)
@@ -116,6 +131,9 @@ def main():
                     help="time to first token only (no measured cache bytes, no decode loop to compile)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs per measurement (median); 1 saves device time at long contexts")
+    ap.add_argument("--compile_workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="threads compiling every executable before the first timed run; "
+                    "0 or 1: each compiles at its first (untimed) call, as the measurements go")
     args = ap.parse_args()
     import jax
 
@@ -129,7 +147,8 @@ def main():
     if "teacher" not in wanted:
         raise SystemExit("--models must include the teacher: every ratio is against it")
     rows = measure({n: models[n] for n in wanted}, [int(c) for c in args.contexts.split(",")],
-                   args.decode_batch, args.steps, args.analytic, args.repeats, args.ttft_only)
+                   args.decode_batch, args.steps, args.analytic, args.repeats, args.ttft_only,
+                   args.compile_workers)
     from hybrid_jax.eval.efficiency import efficiency_plot
 
     efficiency_plot(rows, os.path.join(args.out, "efficiency.png"))

@@ -8,6 +8,8 @@
   excluded, ending when the first token's logits are on the device.
 * `decode_tokens_per_second`: a jit-compiled greedy decode loop of `steps` tokens after a
   prefill, per second and per sequence × batch.
+* `precompile`: compiles ahead of time, several at once, every executable that a list of such
+  measurements will run, so that a benchmark's timed runs compile nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import functools
 import math
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +69,111 @@ def _decode(graphdef, state, cache, first, start, *, steps):
     return jax.lax.fori_loop(0, steps, body, (first, cache))
 
 
+# Executables compiled ahead of time by `precompile`, keyed like jit's own cache (static arguments,
+# shapes and dtypes of the others). An AOT-compiled executable never enters jit's dispatch cache,
+# so the measurements look here before calling the jitted function.
+_compiled: dict[tuple, jax.stages.Compiled] = {}
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    # with the sharding, so that the executable runs where the weights live, as jit's would
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def _shapes(tree) -> tuple:
+    return tuple((tuple(x.shape), x.dtype) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _prefill_key(graphdef, state, ids, cache_length: int) -> tuple:
+    return "prefill", graphdef, _shapes(state), _shapes(ids), cache_length
+
+
+def _decode_key(graphdef, state, cache, first, steps: int) -> tuple:
+    return "decode", graphdef, _shapes(state), _shapes((cache, first)), steps
+
+
+def _prefill_call(graphdef, state, ids, cache_length: int):
+    """The prefill as a call of no arguments: its precompiled executable if any, else `_prefill`."""
+    compiled = _compiled.get(_prefill_key(graphdef, state, ids, cache_length))
+    if compiled is None:
+        return lambda: _prefill(graphdef, state, ids, cache_length=cache_length)
+    return lambda: compiled(state, ids)  # static arguments are baked into the executable
+
+
+def _decode_call(graphdef, state, cache, first, start: int, steps: int):
+    """The decode loop as a call of no arguments: its precompiled executable if any, else
+    `_decode`."""
+    compiled = _compiled.get(_decode_key(graphdef, state, cache, first, steps))
+    if compiled is None:
+        return lambda: _decode(graphdef, state, cache, first, start, steps=steps)
+    return lambda: compiled(state, cache, first, start)
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
+class Measurement(NamedTuple):
+    """One `time_to_first_token` call (`decode=False`; `steps` is its `max_new_tokens`) or one
+    `decode_tokens_per_second` call (`decode=True`)."""
+
+    model: nnx.Module
+    context_length: int
+    batch_size: int = 1
+    steps: int = 64
+    decode: bool = False
+
+
+class Precompiled(NamedTuple):
+    compiled: int  # executables now ready (shared ones counted once)
+    out_of_memory: int  # left to jit: the measurement compiles it again and records any OOM
+    lowering_seconds: float  # tracing and lowering, one after another on the calling thread
+
+
+def precompile(measurements: list[Measurement], workers: int) -> Precompiled:
+    """Compiles, `workers` at a time, every executable that `measurements` will run and that is not
+    compiled yet, so that their first (untimed) calls compile nothing.
+
+    Tracing and lowering stay on this thread, on abstract inputs (`jax.ShapeDtypeStruct`: nothing
+    is allocated); XLA compiles on the pool's threads, which release the GIL. An executable that
+    runs out of memory while compiling (e.g. GPU autotuning beside other compiles) is skipped."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="precompile")
+    futures = {}
+
+    def submit(key, traced):
+        if key not in _compiled and key not in futures:
+            futures[key] = pool.submit(traced.lower().compile)
+
+    try:
+        t0 = time.perf_counter()
+        for m in measurements:
+            graphdef, state = nnx.split(m.model)
+            state = jax.tree.map(_abstract, state)
+            ids = jax.ShapeDtypeStruct((m.batch_size, m.context_length), jnp.int32)
+            cache_length = m.context_length + m.steps
+            prefill = _prefill.trace(graphdef, state, ids, cache_length=cache_length)
+            submit(_prefill_key(graphdef, state, ids, cache_length), prefill)
+            if m.decode:
+                _, cache = prefill.out_info
+                first = jax.ShapeDtypeStruct((m.batch_size,), jnp.int32)
+                # `start` a Python int, as `decode_tokens_per_second` passes it (weak-typed)
+                decode = _decode.trace(graphdef, state, cache, first, m.context_length,
+                                       steps=m.steps)
+                submit(_decode_key(graphdef, state, cache, first, m.steps), decode)
+        lowering_seconds = time.perf_counter() - t0
+        out_of_memory = 0
+        for key, future in futures.items():
+            try:
+                _compiled[key] = future.result()
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                out_of_memory += 1
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, compile nothing more
+    return Precompiled(len(futures) - out_of_memory, out_of_memory, lowering_seconds)
+
+
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of `repeats` synchronised calls of `fn()`, after one untimed call (compile, warm-up)."""
     jax.block_until_ready(fn())  # compile and warm up
@@ -89,8 +198,8 @@ def time_to_first_token(model, context_length: int, *, batch_size: int = 1, repe
     long contexts each compile costs 5-25 s on an H200)."""
     graphdef, state = nnx.split(model)
     ids = _prompt(model, batch_size, context_length)
-    return median_seconds(lambda: _prefill(graphdef, state, ids, cache_length=context_length + max_new_tokens)[0],
-                          repeats)
+    prefill = _prefill_call(graphdef, state, ids, context_length + max_new_tokens)
+    return median_seconds(lambda: prefill()[0], repeats)
 
 
 def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1, steps: int = 64,
@@ -98,9 +207,10 @@ def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1,
     """Generated tokens per second (all rows together) after a prompt of `context_length`."""
     graphdef, state = nnx.split(model)
     ids = _prompt(model, batch_size, context_length)
-    logits, cache = _prefill(graphdef, state, ids, cache_length=context_length + steps)
+    logits, cache = _prefill_call(graphdef, state, ids, context_length + steps)()
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    seconds = median_seconds(lambda: _decode(graphdef, state, cache, first, context_length, steps=steps)[0], repeats)
+    decode = _decode_call(graphdef, state, cache, first, context_length, steps)
+    seconds = median_seconds(lambda: decode()[0], repeats)
     return batch_size * steps / seconds
 
 

@@ -1,5 +1,9 @@
-"""Efficiency measurements: analytic cache bytes (closed form), the timed decode loop's tokens."""
+"""Efficiency measurements: analytic cache bytes (closed form), the timed decode loop's tokens,
+precompiled executables."""
 
+import types
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,3 +73,70 @@ def test_efficiency_plot_keeps_rows_without_timings(tmp_path):
     finally:
         plt.Figure.savefig = savefig
     assert seen == [[["a"], ["a", "b"]], [["b"]]]
+
+
+@pytest.fixture
+def no_precompiled(monkeypatch):
+    """An empty store of precompiled executables for this test only."""
+    monkeypatch.setattr(efficiency, "_compiled", {})
+
+
+def test_precompiled_prefill_and_decode_compute_what_jit_does(model, no_precompiled):
+    measurement = efficiency.Measurement(model, 12, batch_size=2, steps=6, decode=True)
+    assert efficiency.precompile([measurement], workers=2)[:2] == (2, 0)
+    graphdef, state = nnx.split(model)
+    ids = efficiency._prompt(model, 2, 12)
+    logits, cache = efficiency._prefill_call(graphdef, state, ids, 12 + 6)()
+    want_logits, want_cache = efficiency._prefill(graphdef, state, ids, cache_length=12 + 6)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(want_logits))  # bitwise
+    jax.tree.map(np.testing.assert_array_equal, cache, want_cache)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    last, _ = efficiency._decode_call(graphdef, state, cache, first, 12, 5)()
+    want_last, _ = efficiency._decode(graphdef, state, want_cache, first, 12, steps=5)
+    np.testing.assert_array_equal(np.asarray(last), np.asarray(want_last))
+
+
+def test_measurements_run_the_precompiled_executables(model, no_precompiled, monkeypatch):
+    plan = [efficiency.Measurement(model, 16, steps=4),  # TTFT and a batch-1 decode share a prefill
+            efficiency.Measurement(model, 16, steps=4, decode=True),
+            efficiency.Measurement(model, 16, batch_size=2, steps=4, decode=True)]
+    assert efficiency.precompile(plan, workers=2)[:2] == (4, 0)
+    called = []
+
+    def spy(name, jitted):
+        def call(*args, **kwargs):
+            called.append(name)
+            return jitted(*args, **kwargs)
+        return call
+
+    for name in ("_prefill", "_decode"):
+        monkeypatch.setattr(efficiency, name, spy(name, getattr(efficiency, name)))
+    assert efficiency.time_to_first_token(model, 16, repeats=1, max_new_tokens=4) > 0
+    assert efficiency.decode_tokens_per_second(model, 16, steps=4, repeats=1) > 0
+    assert efficiency.decode_tokens_per_second(model, 16, batch_size=2, steps=4, repeats=1) > 0
+    assert called == []
+    efficiency.time_to_first_token(model, 16, repeats=1, max_new_tokens=5)  # not precompiled: jit
+    assert called == ["_prefill", "_prefill"]  # the untimed warm-up, then the timed run
+
+
+def test_precompile_leaves_an_out_of_memory_executable_to_jit(model, no_precompiled, monkeypatch):
+    class Traced:  # a traced prefill whose compile fails as `error`
+        def __init__(self, error):
+            self.error = error
+
+        def lower(self):
+            return self
+
+        def compile(self):
+            raise self.error
+
+    def prefill_failing_with(error):
+        return types.SimpleNamespace(trace=lambda *args, **kwargs: Traced(error))
+
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB.")
+    monkeypatch.setattr(efficiency, "_prefill", prefill_failing_with(oom))
+    assert efficiency.precompile([efficiency.Measurement(model, 16)], workers=2)[:2] == (0, 1)
+    assert efficiency._compiled == {}
+    monkeypatch.setattr(efficiency, "_prefill", prefill_failing_with(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        efficiency.precompile([efficiency.Measurement(model, 16)], workers=2)
