@@ -214,9 +214,20 @@ def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1,
     return batch_size * steps / seconds
 
 
+def ttft_speedups(rows: list[dict], reference: str = "teacher") -> dict[str, list[tuple[int, float]]]:
+    """{model: [(context, reference's TTFT / model's TTFT), ...]} by context, for every other model
+    timed at a context where `reference` was timed too."""
+    ref = {r["context"]: r["ttft_s"] for r in rows if r["model"] == reference and "ttft_s" in r}
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in sorted(rows, key=lambda r: r["context"]):
+        if r["model"] != reference and "ttft_s" in r and r["context"] in ref:
+            out.setdefault(r["model"], []).append((r["context"], ref[r["context"]] / r["ttft_s"]))
+    return out
+
+
 def efficiency_plot(rows: list[dict], path: str) -> str:
     """PNG of cache bytes against context length per model, beside time to first token where
-    any row has it.
+    any row has it, and each model's speed-up over the teacher's TTFT where a teacher row has it.
 
     rows: {"model", "context", "cache_bytes"} dicts, with "ttft_s" where it was measured
     (rows without it appear in the cache panel only; with no timings at all, only that panel)."""
@@ -228,16 +239,27 @@ def efficiency_plot(rows: list[dict], path: str) -> str:
     panels = [("cache_bytes", 2**-20, "decode cache per sequence (MiB)")]
     if any("ttft_s" in r for r in rows):
         panels.insert(0, ("ttft_s", 1e3, "time to first token (ms)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    speedups = ttft_speedups(rows)
+    columns = len(panels) + bool(speedups)
+    fig, axes = plt.subplots(1, columns, figsize=(5 * columns, 3.8), squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["model"] for r in rows))}  # one per model
     for ax, (key, scale, label) in zip(axes[0], panels):
-        for name in dict.fromkeys(r["model"] for r in rows):
+        for name, color in colors.items():
             rs = sorted((r for r in rows if r["model"] == name and key in r), key=lambda r: r["context"])
             if rs:
-                ax.plot([r["context"] for r in rs], [scale * r[key] for r in rs], marker="o", label=name)
-        ax.set_xscale("log", base=2)
+                ax.plot([r["context"] for r in rs], [scale * r[key] for r in rs], marker="o", label=name,
+                        color=color)
         ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
+    if speedups:
+        ax = axes[0][-1]
+        for name, points in speedups.items():
+            ax.plot(*zip(*points), marker="o", label=name, color=colors[name])
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_ylabel("teacher TTFT / model TTFT")
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()

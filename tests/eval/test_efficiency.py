@@ -75,6 +75,30 @@ def test_efficiency_plot_keeps_rows_without_timings(tmp_path):
     assert seen == [[["a"], ["a", "b"]], [["b"]]]
 
 
+def test_ttft_speedups_pair_each_model_with_the_teacher_at_its_context():
+    rows = [dict(model="teacher", context=16, ttft_s=4.0), dict(model="teacher", context=32, ttft_s=9.0),
+            dict(model="kda", context=32, ttft_s=3.0), dict(model="kda", context=16, ttft_s=8.0),
+            dict(model="kda", context=64, ttft_s=1.0),  # no teacher row at 64: no ratio
+            dict(model="allmem", context=16, error="OOM")]
+    assert efficiency.ttft_speedups(rows) == {"kda": [(16, 0.5), (32, 3.0)]}
+
+
+def test_efficiency_plot_adds_the_speedup_panel_with_a_teacher(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    seen = []
+    savefig = plt.Figure.savefig
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: (
+        seen.append([(ax.get_ylabel(), [line.get_label() for line in ax.lines]) for ax in fig.axes]),
+        savefig(fig, *a, **k)))
+    rows = [dict(model=m, context=c, ttft_s=t, cache_bytes=c) for m, c, t in
+            (("teacher", 16, 2.0), ("teacher", 32, 6.0), ("kda", 16, 1.0), ("kda", 32, 2.0))]
+    efficiency.efficiency_plot(rows, str(tmp_path / "e.png"))
+    (ttft, cache, speedup), = seen
+    assert ttft[1] == cache[1] == ["teacher", "kda"]
+    assert speedup[0] == "teacher TTFT / model TTFT" and speedup[1][0] == "kda"
+
+
 @pytest.fixture
 def no_precompiled(monkeypatch):
     """An empty store of precompiled executables for this test only."""
