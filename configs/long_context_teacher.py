@@ -1,4 +1,4 @@
-"""A micro-world Qwen3 teacher that learns long-context retrieval, evaluable to 32K tokens.
+"""A micro-world Qwen3 teacher that learns long-context retrieval, evaluable to 128K tokens on a GPU.
 
     python -m hybrid_jax.pretrain --config=configs/long_context_teacher.py --workdir=runs/lc_teacher
 
