@@ -54,6 +54,7 @@ def jax_worker(cases, new_tokens):
     from flax import nnx
 
     from hybrid_jax.eval import generate as g
+    from hybrid_jax.eval.efficiency import is_out_of_memory
     from hybrid_jax.layers import attention
     from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
 
@@ -104,7 +105,7 @@ def jax_worker(cases, new_tokens):
             rec["decode_s"] = time.perf_counter() - t0
             del cache
         except Exception as e:  # out of memory on the largest case is a result, not a crash
-            rec["error"] = "OOM" if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower() else repr(e)[:300]
+            rec["error"] = "OOM" if is_out_of_memory(e) else repr(e)[:300]
         _emit(rec)
 
 

@@ -80,33 +80,19 @@ def _abstract(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
-def _shapes(tree) -> tuple:
-    return tuple((tuple(x.shape), x.dtype) for x in jax.tree_util.tree_leaves(tree))
+def _key(name: str, graphdef, arrays: tuple, static: dict) -> tuple:
+    """`name`'s executable for these array shapes and dtypes and static arguments."""
+    shapes = tuple((tuple(x.shape), x.dtype) for x in jax.tree_util.tree_leaves(arrays))
+    return name, graphdef, shapes, tuple(sorted(static.items()))
 
 
-def _prefill_key(graphdef, state, ids, cache_length: int) -> tuple:
-    return "prefill", graphdef, _shapes(state), _shapes(ids), cache_length
-
-
-def _decode_key(graphdef, state, cache, first, steps: int) -> tuple:
-    return "decode", graphdef, _shapes(state), _shapes((cache, first)), steps
-
-
-def _prefill_call(graphdef, state, ids, cache_length: int):
-    """The prefill as a call of no arguments: its precompiled executable if any, else `_prefill`."""
-    compiled = _compiled.get(_prefill_key(graphdef, state, ids, cache_length))
+def _aot_call(name: str, jitted, graphdef, arrays: tuple, scalars: tuple = (), **static):
+    """`jitted(graphdef, *arrays, *scalars, **static)` as a call of no arguments: `precompile`'s
+    executable for it if there is one (static arguments are baked into it), else jit."""
+    compiled = _compiled.get(_key(name, graphdef, arrays, static))
     if compiled is None:
-        return lambda: _prefill(graphdef, state, ids, cache_length=cache_length)
-    return lambda: compiled(state, ids)  # static arguments are baked into the executable
-
-
-def _decode_call(graphdef, state, cache, first, start: int, steps: int):
-    """The decode loop as a call of no arguments: its precompiled executable if any, else
-    `_decode`."""
-    compiled = _compiled.get(_decode_key(graphdef, state, cache, first, steps))
-    if compiled is None:
-        return lambda: _decode(graphdef, state, cache, first, start, steps=steps)
-    return lambda: compiled(state, cache, first, start)
+        return lambda: jitted(graphdef, *arrays, *scalars, **static)
+    return lambda: compiled(*arrays, *scalars)
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -152,14 +138,14 @@ def precompile(measurements: list[Measurement], workers: int) -> Precompiled:
             ids = jax.ShapeDtypeStruct((m.batch_size, m.context_length), jnp.int32)
             cache_length = m.context_length + m.steps
             prefill = _prefill.trace(graphdef, state, ids, cache_length=cache_length)
-            submit(_prefill_key(graphdef, state, ids, cache_length), prefill)
+            submit(_key("prefill", graphdef, (state, ids), dict(cache_length=cache_length)), prefill)
             if m.decode:
                 _, cache = prefill.out_info
                 first = jax.ShapeDtypeStruct((m.batch_size,), jnp.int32)
                 # `start` a Python int, as `decode_tokens_per_second` passes it (weak-typed)
                 decode = _decode.trace(graphdef, state, cache, first, m.context_length,
                                        steps=m.steps)
-                submit(_decode_key(graphdef, state, cache, first, m.steps), decode)
+                submit(_key("decode", graphdef, (state, cache, first), dict(steps=m.steps)), decode)
         lowering_seconds = time.perf_counter() - t0
         out_of_memory = 0
         for key, future in futures.items():
@@ -198,7 +184,8 @@ def time_to_first_token(model, context_length: int, *, batch_size: int = 1, repe
     long contexts each compile costs 5-25 s on an H200)."""
     graphdef, state = nnx.split(model)
     ids = _prompt(model, batch_size, context_length)
-    prefill = _prefill_call(graphdef, state, ids, context_length + max_new_tokens)
+    prefill = _aot_call("prefill", _prefill, graphdef, (state, ids),
+                        cache_length=context_length + max_new_tokens)
     return median_seconds(lambda: prefill()[0], repeats)
 
 
@@ -207,9 +194,10 @@ def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1,
     """Generated tokens per second (all rows together) after a prompt of `context_length`."""
     graphdef, state = nnx.split(model)
     ids = _prompt(model, batch_size, context_length)
-    logits, cache = _prefill_call(graphdef, state, ids, context_length + steps)()
+    logits, cache = _aot_call("prefill", _prefill, graphdef, (state, ids),
+                              cache_length=context_length + steps)()
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    decode = _decode_call(graphdef, state, cache, first, context_length, steps)
+    decode = _aot_call("decode", _decode, graphdef, (state, cache, first), (context_length,), steps=steps)
     seconds = median_seconds(lambda: decode()[0], repeats)
     return batch_size * steps / seconds
 

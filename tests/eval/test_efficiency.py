@@ -110,12 +110,14 @@ def test_precompiled_prefill_and_decode_compute_what_jit_does(model, no_precompi
     assert efficiency.precompile([measurement], workers=2)[:2] == (2, 0)
     graphdef, state = nnx.split(model)
     ids = efficiency._prompt(model, 2, 12)
-    logits, cache = efficiency._prefill_call(graphdef, state, ids, 12 + 6)()
+    logits, cache = efficiency._aot_call("prefill", efficiency._prefill, graphdef, (state, ids),
+                                          cache_length=12 + 6)()
     want_logits, want_cache = efficiency._prefill(graphdef, state, ids, cache_length=12 + 6)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(want_logits))  # bitwise
     jax.tree.map(np.testing.assert_array_equal, cache, want_cache)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    last, _ = efficiency._decode_call(graphdef, state, cache, first, 12, 5)()
+    last, _ = efficiency._aot_call("decode", efficiency._decode, graphdef, (state, cache, first), (12,),
+                                     steps=5)()
     want_last, _ = efficiency._decode(graphdef, state, want_cache, first, 12, steps=5)
     np.testing.assert_array_equal(np.asarray(last), np.asarray(want_last))
 
