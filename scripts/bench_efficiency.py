@@ -3,6 +3,7 @@
     python scripts/bench_efficiency.py --out=DIR                       # Qwen3-0.6B config, random bf16
     python scripts/bench_efficiency.py --tiny --contexts=256,1024      # a CPU smoke run of the same code
     python scripts/bench_efficiency.py --analytic                      # cache bytes only (any machine)
+    python scripts/bench_efficiency.py --merge=a/eff.log,b/efficiency.json --out=DIR   # one table, one plot
 
 The three models are built from the real Qwen3-0.6B config (random weights; speed does not
 depend on them): the teacher, the Hybrid-KDA student (attention kept at {0,2,6,11,13,18,21},
@@ -11,8 +12,10 @@ decode-cache bytes per sequence (analytic, and the allocator's growth where the 
 it), time to first token at batch 1, and greedy decode tokens/s at batch `--decode_batch`.
 Writes DIR/efficiency.json and DIR/efficiency.png and prints a markdown table with the
 teacher/student ratios. A configuration that runs out of memory is recorded as OOM. Rows are
-printed as they are measured, so a run cut short keeps what it finished; `--analytic` skips
-the timed measurements (the cache sizes need no accelerator). Before the first timed run, every
+printed, and efficiency.json rewritten, as they are measured, so a run cut short keeps what it
+finished; `--merge` makes one table and plot from several runs' efficiency.json files or logs
+(a later file's row replaces an earlier one's). `--analytic` skips the timed measurements (the
+cache sizes need no accelerator). Before the first timed run, every
 executable the measurements need is compiled, `--compile_workers` at a time (XLA compilation
 dominated a serial run's wall time); the timed runs themselves stay one after another.
 """
@@ -62,9 +65,10 @@ def build_models(shape: dict, dtype: str, window: int, chunk: int, xla_conv: boo
 
 
 def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, analytic: bool,
-            repeats: int = 3, ttft_only: bool = False, compile_workers: int = 0) -> list[dict]:
+            repeats: int = 3, ttft_only: bool = False, compile_workers: int = 0,
+            on_row=lambda rows: None) -> list[dict]:
     """One row per context and model; with `compile_workers` > 1, everything the timed runs will
-    execute is compiled first, that many at a time."""
+    execute is compiled first, that many at a time. `on_row(rows so far)` after each row."""
     from hybrid_jax.eval import efficiency
 
     if not analytic and compile_workers > 1:
@@ -97,6 +101,7 @@ def measure(models: dict, contexts: list[int], decode_batch: int, steps: int, an
                     raise
                 row["error"] = "OOM"
             print(json.dumps(row), flush=True)
+            on_row(rows)
     return rows
 
 
@@ -104,13 +109,14 @@ def table(rows: list[dict]) -> str:
     lines = ["| context | model | cache / sequence | vs teacher | TTFT (ms) | teacher / model TTFT | decode tok/s |",
              "|---|---|---|---|---|---|---|"]
     teacher = {r["context"]: r for r in rows if r["model"] == "teacher"}
-    for r in rows:
-        t = teacher[r["context"]]
+    for r in sorted(rows, key=lambda r: -r["context"]):  # merged runs: longest context first
+        t = teacher.get(r["context"], {})
         ttft = f"{1e3 * r['ttft_s']:.1f}" if "ttft_s" in r else r.get("error", "–")
         speed = f"{t['ttft_s'] / r['ttft_s']:.2f}x" if "ttft_s" in r and "ttft_s" in t else ""
+        share = f"{100 * r['cache_bytes'] / t['cache_bytes']:.1f}%" if t else ""
         dec = f"{r['decode_tok_s']:,.0f}" if "decode_tok_s" in r else ""
         lines.append(f"| {r['context']} | {r['model']} | {r['cache_bytes'] / 2**20:,.1f} MiB | "
-                     f"{100 * r['cache_bytes'] / t['cache_bytes']:.1f}% | {ttft} | {speed} | {dec} |")
+                     f"{share} | {ttft} | {speed} | {dec} |")
     return "\n".join(lines)
 
 
@@ -134,10 +140,22 @@ def main():
     ap.add_argument("--compile_workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="threads compiling every executable before the first timed run; "
                     "0 or 1: each compiles at its first (untimed) call, as the measurements go")
+    ap.add_argument("--merge", default="",
+                    help="comma-separated efficiency.json files or logs of earlier runs: write their "
+                    "rows' table and plot to --out, measuring nothing")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    from hybrid_jax.eval.efficiency import efficiency_plot, load_rows
+
+    if args.merge:
+        rows = load_rows(args.merge.split(","))
+        efficiency_plot(rows, os.path.join(args.out, "efficiency.png"))
+        with open(os.path.join(args.out, "efficiency.json"), "w") as f:
+            json.dump({"merged_from": args.merge.split(","), "rows": rows}, f, indent=2)
+        print(table(rows))
+        return
     import jax
 
-    os.makedirs(args.out, exist_ok=True)
     dtype = "float32" if args.tiny else "bfloat16"
     wanted = args.models.split(",")
     models = build_models(TINY if args.tiny else QWEN3_0P6B, dtype, args.window, args.chunk,
@@ -146,15 +164,16 @@ def main():
         raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {sorted(models)}")
     if "teacher" not in wanted:
         raise SystemExit("--models must include the teacher: every ratio is against it")
+    device = jax.devices()[0].device_kind
+
+    def save(rows):
+        with open(os.path.join(args.out, "efficiency.json"), "w") as f:
+            json.dump({"device": device, "jax": jax.__version__, "rows": rows}, f, indent=2)
+
     rows = measure({n: models[n] for n in wanted}, [int(c) for c in args.contexts.split(",")],
                    args.decode_batch, args.steps, args.analytic, args.repeats, args.ttft_only,
-                   args.compile_workers)
-    from hybrid_jax.eval.efficiency import efficiency_plot
-
+                   args.compile_workers, on_row=save)
     efficiency_plot(rows, os.path.join(args.out, "efficiency.png"))
-    device = jax.devices()[0].device_kind
-    with open(os.path.join(args.out, "efficiency.json"), "w") as f:
-        json.dump({"device": device, "jax": jax.__version__, "rows": rows}, f, indent=2)
     print(f"device: {device}, jax {jax.__version__}")
     print(table(rows))
 

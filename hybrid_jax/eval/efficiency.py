@@ -10,11 +10,14 @@
   prefill, per second and per sequence × batch.
 * `precompile`: compiles ahead of time, several at once, every executable that a list of such
   measurements will run, so that a benchmark's timed runs compile nothing.
+* `load_rows`: the measured rows of several runs (their efficiency.json or their logs) as one
+  list, for a table and plot of a measurement that took more than one run.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import statistics
 import time
@@ -200,6 +203,33 @@ def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1,
     decode = _aot_call("decode", _decode, graphdef, (state, cache, first), (context_length,), steps=steps)
     seconds = median_seconds(lambda: decode()[0], repeats)
     return batch_size * steps / seconds
+
+
+def load_rows(paths: list[str]) -> list[dict]:
+    """The rows of several runs of `scripts/bench_efficiency.py`, one per (model, context), a later
+    file's row replacing an earlier one's. Each file is an efficiency.json ({"rows": [...]}) or a
+    log holding the rows as the script prints them, one JSON object per line; other lines are
+    skipped."""
+    merged: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        with open(path) as f:
+            text = f.read()
+        try:
+            rows = json.loads(text)["rows"]
+        except (ValueError, KeyError, TypeError):
+            rows = []
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and {"model", "context", "cache_bytes"} <= row.keys():
+                    rows.append(row)
+        if not rows:
+            raise ValueError(f"{path}: no efficiency rows (an efficiency.json, or a log of printed rows)")
+        for row in rows:
+            merged[(row["model"], row["context"])] = row
+    return list(merged.values())
 
 
 def ttft_speedups(rows: list[dict], reference: str = "teacher") -> dict[str, list[tuple[int, float]]]:

@@ -83,6 +83,27 @@ def test_ttft_speedups_pair_each_model_with_the_teacher_at_its_context():
     assert efficiency.ttft_speedups(rows) == {"kda": [(16, 0.5), (32, 3.0)]}
 
 
+def test_load_rows_merges_json_files_and_logs_later_rows_winning(tmp_path):
+    import json
+
+    first = tmp_path / "efficiency.json"
+    first.write_text(json.dumps({"device": "x", "rows": [
+        dict(model="teacher", context=16, cache_bytes=8, ttft_s=4.0),
+        dict(model="kda", context=16, cache_bytes=2, ttft_s=3.0)]}))
+    log = tmp_path / "eff.log"  # a run cut short: only its printed rows, among other lines
+    log.write_text("GPU 0: some card\nprecompiled 4 executables in 9.0 s\n"
+                   + json.dumps(dict(model="kda", context=16, cache_bytes=2, ttft_s=2.0)) + "\n"
+                   + json.dumps(dict(model="teacher", context=32, cache_bytes=16, ttft_s=9.0)) + "\n"
+                   + '{"not": "a row"}\nrc 124\n')
+    rows = efficiency.load_rows([str(first), str(log)])
+    assert sorted((r["model"], r["context"], r["ttft_s"]) for r in rows) == [
+        ("kda", 16, 2.0), ("teacher", 16, 4.0), ("teacher", 32, 9.0)]
+    empty = tmp_path / "empty.log"
+    empty.write_text("nothing measured\n")
+    with pytest.raises(ValueError, match="no efficiency rows"):
+        efficiency.load_rows([str(empty)])
+
+
 def test_efficiency_plot_adds_the_speedup_panel_with_a_teacher(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
