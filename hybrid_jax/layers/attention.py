@@ -95,7 +95,7 @@ def attention_core(q, k, v, *, q_segment_ids, kv_segment_ids, q_index, kv_index,
 
 def _use_kernel(q) -> bool:
     d = q.shape[-1]
-    return (ATTENTION_BACKEND == "auto" and jax.devices()[0].platform == "gpu"
+    return (ATTENTION_BACKEND == "auto" and jax.default_backend() == "gpu"
             and d >= 16 and d & (d - 1) == 0)
 
 

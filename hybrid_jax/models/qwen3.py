@@ -199,6 +199,28 @@ class DecoderBlock(nnx.Module):
         return x, new_cache, h, y
 
 
+# False: blocks are traced inline, one copy per layer (for scripts/bench_lowering.py's comparison).
+JIT_BLOCKS = True
+
+
+def _run_block(block, x, positions, segment_ids, cache):
+    if JIT_BLOCKS:
+        return _block_call(*nnx.split(block), x, positions, segment_ids, cache)
+    return block(x, positions=positions, segment_ids=segment_ids, cache=cache)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_call(graphdef, state, x, positions, segment_ids, cache):
+    """`DecoderBlock.__call__` as its own jit, traced and lowered once per distinct block.
+
+    Blocks of one structure (every KDA block of a student, every attention block) have equal
+    graphdefs and parameter shapes, so inside a model's trace they hit one cached trace and
+    become calls of one lowered function: the model's lowering (its Pallas kernels lowered to
+    Triton or Mosaic in Python) costs about one block of each kind instead of one per layer.
+    XLA inlines the calls, so the compiled program is the same."""
+    return nnx.merge(graphdef, state)(x, positions=positions, segment_ids=segment_ids, cache=cache)
+
+
 def default_positions(segment_ids: jax.Array) -> jax.Array:
     """Position of each token within its segment (counting only real tokens); padding gets 0."""
     b, t = segment_ids.shape
@@ -296,10 +318,10 @@ class DecoderLM(nnx.Module):
             hidden.append(x)
             layer_cache = None if cache is None else cache[i]
             if self.config.remat and cache is None:
-                x, c, h, y = nnx.remat(lambda blk, x_, p_, s_: blk(x_, positions=p_, segment_ids=s_))(
+                x, c, h, y = nnx.remat(lambda blk, x_, p_, s_: _run_block(blk, x_, p_, s_, None))(
                     block, x, positions, seg)
             else:
-                x, c, h, y = block(x, positions=positions, segment_ids=seg, cache=layer_cache)
+                x, c, h, y = _run_block(block, x, positions, seg, layer_cache)
             new_cache.append(c)
             m_in.append(h)
             m_out.append(y)

@@ -173,3 +173,48 @@ def test_kernel_route_matches_masked_path(monkeypatch, model):
     got_cached = nnx.jit(lambda m, i, a, c: m.forward(i, a, positions=default_positions(a), cache=c).logits)(
         model, ids, mask, init_cache(model, 2, 16))
     np.testing.assert_allclose(got_cached[mask == 1], ref_cached[mask == 1], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def small_hybrid():
+    import hybrid_jax as hj
+
+    teacher = Qwen3(dataclasses.replace(CFG, num_hidden_layers=5), rngs=nnx.Rngs(0))
+    return hj.build_student(teacher, "attention:0,3;kda:1,2,4")
+
+
+def test_blocks_as_their_own_jit_compute_what_inline_blocks_compute(small_hybrid, monkeypatch):
+    from hybrid_jax.models import qwen3
+
+    graphdef, state = nnx.split(small_hybrid)
+    ids = _ids(4, (2, 8))
+
+    def loss_and_grad():  # a new function each time: a fresh trace, not jit's cached one
+        def run(state, ids):
+            def loss(s):
+                return jnp.mean(nnx.merge(graphdef, s).forward(ids).logits ** 2)
+            return jax.value_and_grad(loss)(state)
+        return jax.jit(run)
+
+    own = loss_and_grad()(state, ids)
+    monkeypatch.setattr(qwen3, "JIT_BLOCKS", False)
+    inline = loss_and_grad()(state, ids)
+    for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(inline), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_blocks_of_one_structure_lower_once(small_hybrid):
+    """Each block runs as its own jit: blocks of one kind share one lowered function (called once
+    per layer), so the model's lowering grows with the kinds of block, not the layers."""
+    import re
+
+    graphdef, state = nnx.split(small_hybrid)
+
+    def forward(state, ids):
+        return nnx.merge(graphdef, state).forward(ids).logits
+
+    text = jax.jit(forward).lower(state, _ids(3, (1, 8))).as_text()
+    defined = re.findall(r"func\.func private @(_block_call\w*)", text)
+    called = re.findall(r"call @(_block_call\w*)\(", text)
+    assert len(defined) == 2, defined  # one attention block, one KDA block
+    assert sorted(called.count(name) for name in defined) == [2, 3]
