@@ -15,9 +15,9 @@ teacher/student ratios. A configuration that runs out of memory is recorded as O
 printed, and efficiency.json rewritten, as they are measured, so a run cut short keeps what it
 finished; `--merge` makes one table and plot from several runs' efficiency.json files or logs
 (a later file's row replaces an earlier one's). `--analytic` skips the timed measurements (the
-cache sizes need no accelerator). Before the first timed run, every
-executable the measurements need is compiled, `--compile_workers` at a time (XLA compilation
-dominated a serial run's wall time); the timed runs themselves stay one after another.
+cache sizes need no accelerator). Before the first timed run, every executable the measurements
+need is compiled, `--compile_workers` at a time (compilation dominated a serial run's wall
+time); the timed runs themselves stay one after another.
 """
 
 from __future__ import annotations

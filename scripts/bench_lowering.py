@@ -9,8 +9,7 @@ Pallas kernels are lowered to Triton (GPU) or Mosaic (TPU) in Python at that poi
 run on one CPU thread whatever the accelerator, so their time is measured here on the host alone:
 `jax.default_backend` is made to answer `--platform` while tracing (and, for cuda, the card to
 count as a Hopper), so the layers pick the kernels they pick on an H100 / H200 or TPU, and the
-lowering targets that platform. Nothing is allocated (abstract
-inputs). Targets: `prefill` (the efficiency benchmark's prefill, last-position logits) and
+lowering targets that platform. Nothing is allocated (abstract inputs). Targets: `prefill` (the efficiency benchmark's prefill, last-position logits) and
 `train` (the teacher's forward and the student's forward and backward to a loss of both
 models' logits, as a distillation step computes them, without the optimiser). XLA's own
 compile time needs the accelerator and is not measured here.
@@ -19,6 +18,7 @@ compile time needs the accelerator and is not measured here.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -48,8 +48,7 @@ def programs(teacher, student, target: str, batch: int, seq_len: int):
         out = {}
         for name, model in (("teacher", teacher), ("hybrid-kda", student)):
             graphdef, state = abstract(model)
-            out[name] = (lambda s, i, g=graphdef: efficiency._prefill(g, s, i, cache_length=seq_len + 64)
-                         ), (state, ids)
+            out[name] = functools.partial(efficiency._prefill, graphdef, cache_length=seq_len + 64), (state, ids)
         return out
     if target == "train":
         t_def, t_state = abstract(teacher)
