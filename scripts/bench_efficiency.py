@@ -37,15 +37,21 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=True)
 
 
-def build_models(shape: dict, dtype: str, window: int, chunk: int, xla_conv: bool = False):
-    """The teacher, Hybrid-KDA and AllMem; with `xla_conv` also "hybrid-kda-xla-conv", Hybrid-KDA
-    with XLA's short convolutions and L2 norm (fused_conv=False) for a side-by-side TTFT."""
+MODELS = ("teacher", "hybrid-kda", "allmem", "hybrid-kda-xla-conv")
+
+
+def build_models(shape: dict, dtype: str, window: int, chunk: int, names=MODELS[:3]):
+    """The teacher (always: the students are built from it) and the students of `names` among
+    Hybrid-KDA, AllMem and "hybrid-kda-xla-conv", Hybrid-KDA with XLA's short convolutions and
+    L2 norm (fused_conv=False) for a side-by-side TTFT."""
     import jax
     from flax import nnx
 
     import hybrid_jax as hj
     from hybrid_jax.models.qwen3 import Qwen3, Qwen3Config
 
+    if unknown := set(names) - set(MODELS):
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}")
     t0 = time.perf_counter()
     teacher = Qwen3(Qwen3Config(**shape, dtype=dtype, param_dtype=dtype), rngs=nnx.Rngs(0))
     jax.block_until_ready(nnx.state(teacher))
@@ -53,12 +59,13 @@ def build_models(shape: dict, dtype: str, window: int, chunk: int, xla_conv: boo
     layers = shape["num_hidden_layers"]
     kept = [i for i in (0, 2, 6, 11, 13, 18, 21) if i < layers] or [0]
     spec = f"attention:{','.join(map(str, kept))};kda:{','.join(str(i) for i in range(layers) if i not in kept)}"
-    kda = hj.build_student(teacher, spec)
-    allmem = hj.build_student(teacher, f"allmem:0-{layers - 1}",
-                              mixer_config={"allmem": dict(window=window, chunk_size=chunk)})
-    models = {"teacher": teacher, "hybrid-kda": kda, "allmem": allmem}
-    if xla_conv:
-        models["hybrid-kda-xla-conv"] = hj.build_student(teacher, spec, mixer_config={"kda": {"fused_conv": False}})
+    students = {
+        "hybrid-kda": lambda: hj.build_student(teacher, spec),
+        "allmem": lambda: hj.build_student(teacher, f"allmem:0-{layers - 1}",
+                                           mixer_config={"allmem": dict(window=window, chunk_size=chunk)}),
+        "hybrid-kda-xla-conv": lambda: hj.build_student(teacher, spec, mixer_config={"kda": {"fused_conv": False}}),
+    }
+    models = {"teacher": teacher} | {name: students[name]() for name in names if name != "teacher"}
     jax.block_until_ready([nnx.state(m) for m in models.values()])
     print(f"students built in {time.perf_counter() - t0:.1f} s (cumulative)", flush=True)
     return models
@@ -147,32 +154,27 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     from hybrid_jax.eval.efficiency import efficiency_plot, load_rows
 
+    def save(rows, **about):
+        with open(os.path.join(args.out, "efficiency.json"), "w") as f:
+            json.dump({**about, "rows": rows}, f, indent=2)
+
     if args.merge:
         rows = load_rows(args.merge.split(","))
+        save(rows, merged_from=args.merge.split(","))
         efficiency_plot(rows, os.path.join(args.out, "efficiency.png"))
-        with open(os.path.join(args.out, "efficiency.json"), "w") as f:
-            json.dump({"merged_from": args.merge.split(","), "rows": rows}, f, indent=2)
         print(table(rows))
         return
     import jax
 
-    dtype = "float32" if args.tiny else "bfloat16"
     wanted = args.models.split(",")
-    models = build_models(TINY if args.tiny else QWEN3_0P6B, dtype, args.window, args.chunk,
-                          xla_conv="hybrid-kda-xla-conv" in wanted)
-    if unknown := set(wanted) - set(models):
-        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {sorted(models)}")
     if "teacher" not in wanted:
         raise SystemExit("--models must include the teacher: every ratio is against it")
+    dtype = "float32" if args.tiny else "bfloat16"
+    models = build_models(TINY if args.tiny else QWEN3_0P6B, dtype, args.window, args.chunk, wanted)
     device = jax.devices()[0].device_kind
-
-    def save(rows):
-        with open(os.path.join(args.out, "efficiency.json"), "w") as f:
-            json.dump({"device": device, "jax": jax.__version__, "rows": rows}, f, indent=2)
-
-    rows = measure({n: models[n] for n in wanted}, [int(c) for c in args.contexts.split(",")],
-                   args.decode_batch, args.steps, args.analytic, args.repeats, args.ttft_only,
-                   args.compile_workers, on_row=save)
+    rows = measure(models, [int(c) for c in args.contexts.split(",")], args.decode_batch, args.steps,
+                   args.analytic, args.repeats, args.ttft_only, args.compile_workers,
+                   on_row=lambda rows: save(rows, device=device, jax=jax.__version__))
     efficiency_plot(rows, os.path.join(args.out, "efficiency.png"))
     print(f"device: {device}, jax {jax.__version__}")
     print(table(rows))

@@ -98,7 +98,7 @@ def main():
 
     from hybrid_jax.models import qwen3
 
-    models = build_models(QWEN3_0P6B, "bfloat16", 4096, 512)
+    models = build_models(QWEN3_0P6B, "bfloat16", 4096, 512, ["teacher", "hybrid-kda"])
     # Trace the program that the platform runs: the kernel dispatch asks jax.default_backend(),
     # and the attention forward's choice of the Mosaic kernel asks whether the card is a Hopper.
     jax.default_backend = lambda: "gpu" if args.platform == "cuda" else args.platform

@@ -232,7 +232,7 @@ def main():
         from hybrid_jax.eval import efficiency
 
         model = build_models(TINY if args.tiny else QWEN3_0P6B, "float32" if args.tiny else "bfloat16",
-                             4096, 512)[args.model]
+                             4096, 512, [args.model])[args.model]
         efficiency.time_to_first_token(model, args.context, repeats=1)  # compile
         with jax.profiler.trace(trace, create_perfetto_trace=True, profiler_options=options):
             seconds = efficiency.time_to_first_token(model, args.context, repeats=args.repeats)

@@ -205,6 +205,13 @@ def decode_tokens_per_second(model, context_length: int, *, batch_size: int = 1,
     return batch_size * steps / seconds
 
 
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def load_rows(paths: list[str]) -> list[dict]:
     """The rows of several runs of `scripts/bench_efficiency.py`, one per (model, context), a later
     file's row replacing an earlier one's. Each file is an efficiency.json ({"rows": [...]}) or a
@@ -217,14 +224,8 @@ def load_rows(paths: list[str]) -> list[dict]:
         try:
             rows = json.loads(text)["rows"]
         except (ValueError, KeyError, TypeError):
-            rows = []
-            for line in text.splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and {"model", "context", "cache_bytes"} <= row.keys():
-                    rows.append(row)
+            rows = [row for row in map(_json_or_none, text.splitlines())
+                    if isinstance(row, dict) and {"model", "context", "cache_bytes"} <= row.keys()]
         if not rows:
             raise ValueError(f"{path}: no efficiency rows (an efficiency.json, or a log of printed rows)")
         for row in rows:
