@@ -184,9 +184,10 @@ def kernel_cfg(shape, variant=None, interpret=False):
 
 def breakdown(shape, iters, variants):
     """Time each Pallas kernel alone (fwd: diag, intra, state, out; bwd: prep, state, pairs,
-    channels) per variant. A variant with "fwd_only" times the prefill's forward kernels alone
-    (intra_fwd then writes no M and A, as in a pass that is not differentiated) and compiles
-    no backward kernel."""
+    channels) per variant. A variant with "fwd_only" times the forward kernels of a pass that is
+    not differentiated (intra_fwd writes no M and A) and compiles no backward kernel: the
+    prefill's intra kernel that also writes q * Gam (intra_qg_fwd) and its fused state-and-output
+    kernel (state_out_fwd), next to the training forward's state_fwd and out_fwd."""
     import jax
     import jax.numpy as jnp
 
@@ -222,7 +223,13 @@ def breakdown(shape, iters, variants):
                      ("intra_fwd", intra, (q, k, v, G, beta, m, m, m, d)),
                      ("state_fwd", state, (G, m, w, u, kd, s0)),
                      ("out_fwd", out, (q, G, m, p, h, vn))]
-            if not fwd_only:
+            if fwd_only:
+                intra_qg = jit(cg._intra_fwd, residuals=False, with_qg=True)
+                state_out = jit(cg._state_out_fwd, out_dtype=bf)
+                *_, qg = intra_qg(q, k, v, G, beta, m, m, m, d)
+                timed += [("intra_qg_fwd", intra_qg, (q, k, v, G, beta, m, m, m, d)),
+                          ("state_out_fwd", state_out, (G, m, w, u, kd, qg, p, s0))]
+            else:
                 M, A = MA
                 prep, sbwd = jit(cg._intra_prep_bwd), jit(cg._state_bwd)
                 pairs, chans = jit(cg._intra_bwd_pairs), jit(cg._intra_bwd_channels)

@@ -7,6 +7,7 @@ tests/gpu/test_kda_gpu.py bounds at 5e-3): use it before making a faster variant
 """
 
 import argparse
+import functools
 import json
 
 import jax
@@ -50,8 +51,15 @@ def errors(kernel_kw, *, B=1, T=4096, H=2, K=128, V=128, chunk_size=64, segments
 
     with jax.default_matmul_precision("highest"):
         (_, (o_r, s_r)), g_r = grads(chunk_kda_reference, *(x.astype(jnp.float32) for x in args))
-    (_, (o, s)), g_o = grads(lambda *a, **kw: chunk_kda_gpu(*a, **kw, **kernel_kw), *args)
-    out = {"o": rms_rel(o, o_r), "final_state": rms_rel(s, s_r)}
+    kernel = functools.partial(chunk_kda_gpu, **kernel_kw)
+    (_, (o, s)), g_o = grads(kernel, *args)
+    # Not differentiated (a prefill): the fused state-and-output kernel instead of the
+    # training forward's state and output kernels.
+    o_p, s_p = jax.jit(lambda *a: kernel(*a[:5], initial_state=a[5], output_final_state=True,
+                                         segment_ids=seg, use_qk_l2norm_in_kernel=True,
+                                         chunk_size=chunk_size))(*args)
+    out = {"o": rms_rel(o, o_r), "final_state": rms_rel(s, s_r),
+           "o_prefill": rms_rel(o_p, o_r), "final_state_prefill": rms_rel(s_p, s_r)}
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "ds0"), g_o, g_r, strict=True):
         out[name] = rms_rel(a, b) if np.isfinite(np.asarray(a, np.float32)).all() else float("inf")
     return out

@@ -293,17 +293,21 @@ def _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, *, C, K, seg, bk
 
 
 def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref, d_ref,
-                      w_ref, u_ref, p_ref, kd_ref, *residual_refs, C, K, V, seg, bk, bv, mm):
-    """residual_refs: (M, A) for the backward pass, or none (a forward pass alone)."""
+                      w_ref, u_ref, p_ref, kd_ref, *extra_refs, C, K, V, seg, bk, bv, mm, residuals):
+    """extra_refs: (M, A) for the backward pass (`residuals`), or (q * Gam,) for the prefill's
+    fused state-and-output kernel."""
     A, P, beta, M = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, d_ref, C=C, K=K, bk=bk,
                                   seg=seg, mm=mm)
     p_ref[...] = P.astype(p_ref.dtype)
-    if residual_refs:
-        m_ref, a_ref = residual_refs
+    qg = {}
+    if residuals:
+        m_ref, a_ref = extra_refs
         m_ref[...] = M
         a_ref[...] = A
+    elif extra_refs:
+        qg = dict(q_ref=q_ref, qg_ref=extra_refs[0])
     T = M * beta[None, :]
-    _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, C=C, K=K, seg=seg, bk=bk, mm=mm)
+    _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, C=C, K=K, seg=seg, bk=bk, mm=mm, **qg)
 
     def v_tile(cols, carry):
         u_ref[:, cols] = _mm(T, v_ref[:, cols], mm)
@@ -344,6 +348,24 @@ def _state_fwd_kernel(g_ref, fs_ref, w_ref, u_ref, kd_ref, s0_ref, h_ref, vn_ref
         vn = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w_ref[pl.ds(t0, C), :], s, mm)
         vn_ref[pl.ds(t0, C), :] = vn.astype(vn_ref.dtype)
         return _end_decay(g_ref, fs_ref, t0, C, seg) * s + _mm_tn(kd_ref[pl.ds(t0, C), :], vn, mm)
+
+    sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
+
+
+def _state_out_fwd_kernel(g_ref, fs_ref, w_ref, u_ref, kd_ref, qg_ref, p_ref, s0_ref, o_ref,
+                          sT_ref, *, C, NT, seg, mm_state, mm):
+    """The prefill's state and output in one pass: per chunk v_new = u - W S,
+    o = (q * Gam) S + P v_new, S <- exp(G_C) S + kd^T v_new. Neither the per-chunk states nor
+    v_new go to memory (`_state_fwd_kernel` + `_out_fwd_kernel` store and reload both for the
+    backward pass); S and v_new meet the output products with the operand rounding those
+    stores give them."""
+    def body(n, s):
+        t0 = pl.multiple_of(n * C, C)
+        rows = pl.ds(t0, C)
+        vn = _f32(u_ref[rows, :]) - _mm(w_ref[rows, :], s, mm_state)
+        o = _mm(qg_ref[rows, :], s, mm) + _mm(p_ref[rows, :], vn, mm)
+        o_ref[rows, :] = o.astype(o_ref.dtype)
+        return _end_decay(g_ref, fs_ref, t0, C, seg) * s + _mm_tn(kd_ref[rows, :], vn, mm_state)
 
     sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
 
@@ -539,26 +561,29 @@ def _diag_pairs(q, k, G, cfg):
     )(q, k, G)
 
 
-def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals=True):
+def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals=True, with_qg=False):
     """W, U, P, kd = k * exp(G_C - G) and, with `residuals`, M and A per chunk (parallel over
-    chunks); d: the compact diagonal blocks of A and P (`_diag_pairs`)."""
+    chunks), or with `with_qg` (a pass that is not differentiated) q * Gam; d: the compact
+    diagonal blocks of A and P (`_diag_pairs`)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     C = cfg.C
     ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
     f32 = jnp.float32
+    extra_qg = with_qg and not residuals
     return pl.pallas_call(
         functools.partial(_intra_fwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk_intra,
-                          bv=min(cfg.bv, V), mm=cfg.mm),
+                          bv=min(cfg.bv, V), mm=cfg.mm, residuals=residuals),
         grid=(B, H, Tp // C),
         in_specs=[ck, ck, cv, ck, cb, cm, cm, cm,
                   pl.BlockSpec((None, C, None, 2 * BC), lambda b, h, n: (b, n, h, 0))],
-        out_specs=[ck, cv, cp, ck] + [cp, cp] * residuals,
+        out_specs=[ck, cv, cp, ck] + [cp, cp] * residuals + [ck] * extra_qg,
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm_state)),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, C), _operand_dtype(cfg.mm)),
                    jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm_state))]
-        + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2 * residuals,
+        + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2 * residuals
+        + [jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm))] * extra_qg,
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
     )(q, k, v, G, beta, run, fs, ls, d)
 
@@ -591,6 +616,25 @@ def _state_fwd(G, fs, w, u, kd, s0, cfg):
                    jax.ShapeDtypeStruct((B, H, K, V), f32)],
         name="kda_state_fwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
     )(G, fs, w, u, kd, s0)
+
+
+def _state_out_fwd(G, fs, w, u, kd, qg, p, s0, cfg, out_dtype):
+    """The prefill's output and final state (sequential over chunks, `_state_out_fwd_kernel`)."""
+    B, Tp, H, K = G.shape
+    V = u.shape[-1]
+    C, bv = cfg.C, min(cfg.bv_state, V)
+    sp = _seq_specs(Tp, K, C, bv)
+    pairs = pl.BlockSpec((None, Tp, None, C), lambda b, h, j: (b, 0, h, 0))
+    kern = functools.partial(_state_out_fwd_kernel, C=C, NT=Tp // C, seg=cfg.seg,
+                             mm_state=cfg.mm_state, mm=cfg.mm)
+    return pl.pallas_call(
+        kern, grid=(B, H, V // bv),
+        in_specs=[sp["k"], sp["m"], sp["k"], sp["v"], sp["k"], sp["k"], pairs, sp["s"]],
+        out_specs=[sp["v"], sp["s"]],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
+                   jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+        name="kda_state_out_fwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
+    )(G, fs, w, u, kd, qg, p, s0)
 
 
 def _out_fwd(q, G, fs, p, h, vn, cfg, out_dtype):
@@ -699,21 +743,20 @@ def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
 def _kda_core(q, k, v, G, beta, s0, run, fs, ls, cfg):
-    # Not differentiated (prefill, evaluation): M and A, kept only for the backward pass, are
-    # not written.
-    return _forward(q, k, v, G, beta, s0, run, fs, ls, cfg, residuals=False)[0]
-
-
-def _forward(q, k, v, G, beta, s0, run, fs, ls, cfg, residuals):
+    # Not differentiated (prefill, evaluation): nothing is kept for a backward pass, so the
+    # state and output kernels run as one and neither M, A, the per-chunk states nor v_new
+    # go to memory.
     d = _diag_pairs(q, k, G, cfg)
-    w, u, p, kd, *MA = _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals)
-    h, vn, sT = _state_fwd(G, fs, w, u, kd, s0, cfg)
-    o = _out_fwd(q, G, fs, p, h, vn, cfg, v.dtype)
-    return (o, sT), (q, k, v, G, beta, run, fs, ls, h, vn, p, *MA)
+    w, u, p, kd, qg = _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals=False, with_qg=True)
+    return _state_out_fwd(G, fs, w, u, kd, qg, p, s0, cfg, v.dtype)
 
 
 def _kda_core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
-    return _forward(q, k, v, G, beta, s0, run, fs, ls, cfg, residuals=True)
+    d = _diag_pairs(q, k, G, cfg)
+    w, u, p, kd, M, A = _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg)
+    h, vn, sT = _state_fwd(G, fs, w, u, kd, s0, cfg)
+    o = _out_fwd(q, G, fs, p, h, vn, cfg, v.dtype)
+    return (o, sT), (q, k, v, G, beta, run, fs, ls, h, vn, p, M, A)
 
 
 def _kda_core_bwd(cfg, res, cts):

@@ -56,9 +56,14 @@ def test_kernel_forward_and_gradients_match_token_oracle(B, T, H, K, V, C, g_min
         lambda *a, **k: chunk_kda_gpu(*a, interpret=True, chunk_size=C, **tiles, **k),
         x, s0, seg, w, ws)
     o_r, sT_r, grads_r = _loss_and_grads(recurrent_kda_reference, x, s0, seg, w, ws)
-    assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(sT)).all()
-    assert rms_rel(o, o_r) <= 1e-5
-    assert rms_rel(sT, sT_r) <= 1e-5
+    # Not differentiated (a prefill): the fused state-and-output kernel.
+    o_p, sT_p = chunk_kda_gpu(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=s0,
+                              output_final_state=True, segment_ids=seg, use_qk_l2norm_in_kernel=True,
+                              scale=0.2, interpret=True, chunk_size=C, **tiles)
+    for out in (o, sT, o_p, sT_p):
+        assert np.isfinite(np.asarray(out)).all()
+    assert rms_rel(o, o_r) <= 1e-5 and rms_rel(o_p, o_r) <= 1e-5
+    assert rms_rel(sT, sT_r) <= 1e-5 and rms_rel(sT_p, sT_r) <= 1e-5
     for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, grads_r, strict=True):
         assert np.isfinite(np.asarray(a)).all(), name
         assert rms_rel(a, b) <= 1e-4, name
@@ -112,6 +117,10 @@ def test_kernels_lower_for_cuda_forward_and_backward(segments, diagonal):
             q, q, v, g, beta)
         text = exp.mlir_module()
         assert text.count("__gpu$xla.gpu.triton") >= (2 if fn is loss else 4)
+        # not differentiated: state and output in one kernel; differentiated: the state
+        # kernel that keeps the per-chunk states for the backward pass
+        assert ("kda_state_out_fwd" in text) == (fn is loss)
+        assert ("kda_state_fwd" in text) == (fn is not loss)
 
 
 def test_unknown_diagonal_form_is_rejected_by_name():
