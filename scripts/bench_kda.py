@@ -183,11 +183,10 @@ def kernel_cfg(shape, variant=None, interpret=False):
 
 
 def breakdown(shape, iters, variants):
-    """Time each Pallas kernel alone (fwd: diag, intra, state, out; bwd: prep, state, pairs,
+    """Time each Pallas kernel alone (fwd: diag, intra, state_out; bwd: prep, state, pairs,
     channels) per variant. A variant with "fwd_only" times the forward kernels of a pass that is
-    not differentiated (intra_fwd writes no M and A) and compiles no backward kernel: the
-    prefill's intra kernel that also writes q * Gam (intra_qg_fwd) and its fused state-and-output
-    kernel (state_out_fwd), next to the training forward's state_fwd and out_fwd."""
+    not differentiated (intra_fwd writes no M and A, state_out_fwd no per-chunk states and
+    v_new) and compiles no backward kernel."""
     import jax
     import jax.numpy as jnp
 
@@ -214,23 +213,17 @@ def breakdown(shape, iters, variants):
 
             # fwd_only: the prefill's kernels (intra without the M, A residuals), no backward
             fwd_only = bool(kw.get("fwd_only"))
-            diag, state = jit(cg._diag_pairs), jit(cg._state_fwd)
-            intra, out = jit(cg._intra_fwd, residuals=not fwd_only), jit(cg._out_fwd, out_dtype=bf)
+            diag = jit(cg._diag_pairs)
+            intra = jit(cg._intra_fwd, residuals=not fwd_only, with_qg=True)
+            state_out = jit(cg._state_out_fwd, out_dtype=bf, residuals=not fwd_only)
             d = diag(q, k, G)
-            w, u, p, kd, *MA = intra(q, k, v, G, beta, m, m, m, d)
-            h, vn, sT = state(G, m, w, u, kd, s0)
+            w, u, p, kd, *MA, qg = intra(q, k, v, G, beta, m, m, m, d)
+            _, _, *hvn = state_out(G, m, w, u, kd, qg, p, s0)
             timed = [("diag_fwd", diag, (q, k, G)),
                      ("intra_fwd", intra, (q, k, v, G, beta, m, m, m, d)),
-                     ("state_fwd", state, (G, m, w, u, kd, s0)),
-                     ("out_fwd", out, (q, G, m, p, h, vn))]
-            if fwd_only:
-                intra_qg = jit(cg._intra_fwd, residuals=False, with_qg=True)
-                state_out = jit(cg._state_out_fwd, out_dtype=bf)
-                *_, qg = intra_qg(q, k, v, G, beta, m, m, m, d)
-                timed += [("intra_qg_fwd", intra_qg, (q, k, v, G, beta, m, m, m, d)),
-                          ("state_out_fwd", state_out, (G, m, w, u, kd, qg, p, s0))]
-            else:
-                M, A = MA
+                     ("state_out_fwd", state_out, (G, m, w, u, kd, qg, p, s0))]
+            if not fwd_only:
+                (h, vn), (M, A) = hvn, MA
                 prep, sbwd = jit(cg._intra_prep_bwd), jit(cg._state_bwd)
                 pairs, chans = jit(cg._intra_bwd_pairs), jit(cg._intra_bwd_channels)
                 w, kd, qg, dvl = prep(q, k, G, beta, m, m, M, p, dov)

@@ -1,5 +1,6 @@
 """KDA's forward output kernel in Pallas Mosaic GPU (Hopper: TMA copies, wgmma), checked and
-timed side by side with the Pallas Triton kernel it ports (chunk_gpu._out_fwd).
+timed side by side with the Pallas Triton kernel it ports (`out_fwd_triton` below: chunk_gpu's
+output kernel until session 14, when the output moved into the sequential state kernel).
 
     python scripts/bench_kda_mosaic.py                               # both shapes, default configs
     python scripts/bench_kda_mosaic.py --shapes 8x4096x16 --configs '[[64, 2, 16, "wg"]]'
@@ -72,12 +73,31 @@ def _out_step(_, q_ref, g_ref, p_ref, h_ref, vn_ref, o_ref):
     o_ref[...] = o.astype(o_ref.dtype)
 
 
+def out_fwd_triton(q, G, p, h, vn, cfg):
+    """The Pallas Triton baseline, grid (B, H, T/C): o = (q * exp(G)) h_chunk + P v_new per
+    chunk (no segments; products in cfg.mm)."""
+    B, T, H, K = q.shape
+    V = vn.shape[-1]
+
+    def kernel(q_ref, g_ref, p_ref, h_ref, vn_ref, o_ref):
+        qg = q_ref[...].astype(jnp.float32) * jnp.exp(g_ref[...])
+        o = cg._mm(qg, h_ref[...], cfg.mm) + cg._mm(p_ref[...], vn_ref[...], cfg.mm)
+        o_ref[...] = o.astype(o_ref.dtype)
+
+    ck, cv, cp, _, _ = cg._chunk_specs(cfg.C, K, V)
+    return pl.pallas_call(
+        kernel, grid=(B, H, T // cfg.C), in_specs=[ck, ck, cp, cg._chunk_state_spec(K, V), cv],
+        out_specs=cv, out_shape=jax.ShapeDtypeStruct((B, T, H, V), jnp.bfloat16),
+        name="kda_out_fwd", **cg._params(cfg, cfg.warps_intra),
+    )(q, G, p, h, vn)
+
+
 SEMANTICS = {"lane": plgpu_mgpu.LoweringSemantics.Lane, "wg": plgpu_mgpu.LoweringSemantics.Warpgroup}
 
 
 def out_fwd_mosaic(q, G, p, h, vn, *, C=64, bv=64, steps=2, inner=16, semantics="wg",
                    out_dtype=jnp.bfloat16):
-    """The Mosaic GPU port of chunk_gpu._out_fwd (seg=False, bf16 operands).
+    """The Mosaic GPU port of `out_fwd_triton` (seg=False, bf16 operands).
 
     plgpu.kernel over the CUDA grid (B, H, NT / inner, V / bv) and, inside each CTA,
     plgpu.emit_pipeline over its `inner` chunks (jax 0.11 lowers pl.pallas_call only to
@@ -149,9 +169,9 @@ def kda_intermediates(shape, C=64, seed=0):
     cfg = kernel_cfg(shape, {"C": C})
     jit = lambda f, **kw: jax.jit(lambda *a: f(*a, cfg, **kw))
     d = jit(cg._diag_pairs)(q, k, G)
-    w, u, p, kd = jit(cg._intra_fwd, residuals=False)(q, k, v, G, beta, m, m, m, d)
-    h, vn, _ = jit(cg._state_fwd)(G, m, w, u, kd, s0)
-    return (q, G, m, p, h, vn), cfg
+    w, u, p, kd, _, _, qg = jit(cg._intra_fwd, with_qg=True)(q, k, v, G, beta, m, m, m, d)
+    _, _, h, vn = jit(cg._state_out_fwd, out_dtype=bf, residuals=True)(G, m, w, u, kd, qg, p, s0)
+    return (q, G, p, h, vn), cfg
 
 
 def out_bytes_flops(shape, C=64):
@@ -203,8 +223,8 @@ def run_shape(shape, configs, iters, log):
     bw, peak = next((f for name, f in FLOORS.items() if name in dev), (None, None))
     nbytes, flops = out_bytes_flops(shape)
     args, cfg = kda_intermediates(shape)
-    q, G, m, p, h, vn = args
-    triton = jax.jit(lambda *a: cg._out_fwd(*a, cfg, jnp.bfloat16))
+    q, G, p, h, vn = args
+    triton = jax.jit(lambda *a: out_fwd_triton(*a, cfg))
     triton(*args).delete()  # compile
     o_tri, landed = poisoned_run(triton, args)
     ref = jax.jit(out_fwd_oracle)(q, G, p, h, vn)

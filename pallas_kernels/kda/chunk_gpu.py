@@ -26,9 +26,8 @@ tensor-core products rather than many 16x16 ones:
 Kernels (fp32 accumulation; matmul operands per `matmul` mode; G itself comes from the
 gate/cumsum kernel of gate_cumsum.py):
   forward   diag_pairs (B,H,16-row blocks)  the diagonal 16-blocks of A and P, compactly
-            intra_fwd  (B,H,chunks)  W, U, P, kd = k exp(G_C - G), M, A
-            state_fwd  (B,H,V tiles) sequential: h (state entering each chunk), v_new, S_T
-            out_fwd    (B,H,chunks)  o
+            intra_fwd  (B,H,chunks)  W, U, P, kd = k exp(G_C - G), q Gam, M, A
+            state_out_fwd (B,H,V tiles) sequential: o, S_T, h (state entering each chunk), v_new
   backward  intra_prep (B,H,chunks)  W, kd, q Gam (from M) and P^T do
             state_bwd  (B,H,V tiles) reverse: dS after each chunk, d v_new, dS_0
             bwd_pairs  (B,H,chunks)  dv, dbeta, dA, dP (reductions over K and V)
@@ -36,7 +35,7 @@ gate/cumsum kernel of gate_cumsum.py):
 Residuals kept by the forward pass: the inputs, h, v_new and the per-chunk P, M, A
 (3C numbers per token and head, P in bf16 under bf16 products; recomputing them cost more
 than the forward's intra kernel);
-a forward pass that is not differentiated writes no M and A.
+a forward pass that is not differentiated writes no M, A, h and v_new.
 Segment resets enter as masks on A, P, Gam and the state update (run ids / flags), never as
 -inf in G.
 """
@@ -293,19 +292,18 @@ def _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, *, C, K, seg, bk
 
 
 def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, run_ref, fs_ref, ls_ref, d_ref,
-                      w_ref, u_ref, p_ref, kd_ref, *extra_refs, C, K, V, seg, bk, bv, mm, residuals):
-    """extra_refs: (M, A) for the backward pass (`residuals`), or (q * Gam,) for the prefill's
-    fused state-and-output kernel."""
+                      w_ref, u_ref, p_ref, kd_ref, *extra_refs, C, K, V, seg, bk, bv, mm, residuals,
+                      with_qg):
+    """extra_refs: M and A for the backward pass (`residuals`), then q * Gam for the fused
+    state-and-output kernel (`with_qg`)."""
     A, P, beta, M = _chunk_system(q_ref, k_ref, g_ref, b_ref, run_ref, d_ref, C=C, K=K, bk=bk,
                                   seg=seg, mm=mm)
     p_ref[...] = P.astype(p_ref.dtype)
-    qg = {}
     if residuals:
-        m_ref, a_ref = extra_refs
+        m_ref, a_ref = extra_refs[:2]
         m_ref[...] = M
         a_ref[...] = A
-    elif extra_refs:
-        qg = dict(q_ref=q_ref, qg_ref=extra_refs[0])
+    qg = dict(q_ref=q_ref, qg_ref=extra_refs[-1]) if with_qg else {}
     T = M * beta[None, :]
     _write_w_kd(T, k_ref, g_ref, fs_ref, ls_ref, w_ref, kd_ref, C=C, K=K, seg=seg, bk=bk, mm=mm, **qg)
 
@@ -339,45 +337,25 @@ def _end_decay(g_ref, fs_ref, t0, C, seg):
     return jnp.transpose(jnp.exp(Gl))
 
 
-def _state_fwd_kernel(g_ref, fs_ref, w_ref, u_ref, kd_ref, s0_ref, h_ref, vn_ref, sT_ref,
-                      *, C, NT, seg, mm):
-    """The sequential part only: per chunk v_new = u - W S, S <- exp(G_C) S + kd^T v_new."""
-    def body(n, s):
-        t0 = pl.multiple_of(n * C, C)
-        h_ref[n] = s.astype(h_ref.dtype)
-        vn = _f32(u_ref[pl.ds(t0, C), :]) - _mm(w_ref[pl.ds(t0, C), :], s, mm)
-        vn_ref[pl.ds(t0, C), :] = vn.astype(vn_ref.dtype)
-        return _end_decay(g_ref, fs_ref, t0, C, seg) * s + _mm_tn(kd_ref[pl.ds(t0, C), :], vn, mm)
-
-    sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
-
-
 def _state_out_fwd_kernel(g_ref, fs_ref, w_ref, u_ref, kd_ref, qg_ref, p_ref, s0_ref, o_ref,
-                          sT_ref, *, C, NT, seg, mm_state, mm):
-    """The prefill's state and output in one pass: per chunk v_new = u - W S,
-    o = (q * Gam) S + P v_new, S <- exp(G_C) S + kd^T v_new. Neither the per-chunk states nor
-    v_new go to memory (`_state_fwd_kernel` + `_out_fwd_kernel` store and reload both for the
-    backward pass); S and v_new meet the output products with the operand rounding those
-    stores give them."""
+                          sT_ref, *residual_refs, C, NT, seg, mm_state, mm):
+    """State and output in one pass: per chunk v_new = u - W S, o = (q * Gam) S + P v_new,
+    S <- exp(G_C) S + kd^T v_new. residual_refs: (per-chunk entering states h, v_new) for the
+    backward pass, or none (a pass that is not differentiated: neither goes to memory). S and
+    v_new enter the output products with the operand rounding those stores give them."""
     def body(n, s):
         t0 = pl.multiple_of(n * C, C)
         rows = pl.ds(t0, C)
         vn = _f32(u_ref[rows, :]) - _mm(w_ref[rows, :], s, mm_state)
+        if residual_refs:
+            h_ref, vn_ref = residual_refs
+            h_ref[n] = s.astype(h_ref.dtype)
+            vn_ref[rows, :] = vn.astype(vn_ref.dtype)
         o = _mm(qg_ref[rows, :], s, mm) + _mm(p_ref[rows, :], vn, mm)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         return _end_decay(g_ref, fs_ref, t0, C, seg) * s + _mm_tn(kd_ref[rows, :], vn, mm_state)
 
     sT_ref[...] = lax.fori_loop(0, NT, body, _f32(s0_ref[...]))
-
-
-def _out_fwd_kernel(q_ref, g_ref, fs_ref, p_ref, h_ref, vn_ref, o_ref, *, seg, mm):
-    """o = (q * exp(G)) S_chunk + P v_new: independent per chunk."""
-    G = _f32(g_ref[...])
-    if seg:
-        G = jnp.where(_f32(fs_ref[...])[:, None] > 0, G, -jnp.inf)
-    qg = _f32(q_ref[...]) * jnp.exp(G)
-    o = _mm(qg, h_ref[...], mm) + _mm(p_ref[...], vn_ref[...], mm)
-    o_ref[...] = o.astype(o_ref.dtype)
 
 
 def _state_bwd_kernel(g_ref, fs_ref, w_ref, kd_ref, qg_ref, do_ref, dvl_ref, dsT_ref,
@@ -521,9 +499,10 @@ class _Cfg(tuple):
 def _operand_dtype(mode):
     """Storage of an array whose readers use it only as an operand of products in matmul
     `mode`: bf16 when those take bf16 operands (the same rounding, half the bytes). W, kd and
-    q*Gam follow the state kernels' mode (cfg.mm_state); h, dh, v_new and d v_new the per-chunk
-    kernels' (cfg.mm; h and dh also enter the elementwise sum of d/dG_C), as fla stores them,
-    and P, which enters only products too."""
+    the backward's q*Gam follow the state kernels' mode (cfg.mm_state); h, dh, v_new and
+    d v_new the per-chunk kernels' (cfg.mm; h and dh also enter the elementwise sum of d/dG_C),
+    as fla stores them, and so do P and the forward's q*Gam, which enter only the output's
+    products."""
     return jnp.bfloat16 if mode == "bf16" else jnp.float32
 
 
@@ -562,28 +541,27 @@ def _diag_pairs(q, k, G, cfg):
 
 
 def _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals=True, with_qg=False):
-    """W, U, P, kd = k * exp(G_C - G) and, with `residuals`, M and A per chunk (parallel over
-    chunks), or with `with_qg` (a pass that is not differentiated) q * Gam; d: the compact
-    diagonal blocks of A and P (`_diag_pairs`)."""
+    """W, U, P, kd = k * exp(G_C - G), then with `residuals` M and A, then with `with_qg`
+    q * Gam, per chunk (parallel over chunks); d: the compact diagonal blocks of A and P
+    (`_diag_pairs`)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     C = cfg.C
     ck, cv, cp, cb, cm = _chunk_specs(C, K, V)
     f32 = jnp.float32
-    extra_qg = with_qg and not residuals
     return pl.pallas_call(
         functools.partial(_intra_fwd_kernel, C=C, K=K, V=V, seg=cfg.seg, bk=cfg.bk_intra,
-                          bv=min(cfg.bv, V), mm=cfg.mm, residuals=residuals),
+                          bv=min(cfg.bv, V), mm=cfg.mm, residuals=residuals, with_qg=with_qg),
         grid=(B, H, Tp // C),
         in_specs=[ck, ck, cv, ck, cb, cm, cm, cm,
                   pl.BlockSpec((None, C, None, 2 * BC), lambda b, h, n: (b, n, h, 0))],
-        out_specs=[ck, cv, cp, ck] + [cp, cp] * residuals + [ck] * extra_qg,
+        out_specs=[ck, cv, cp, ck] + [cp, cp] * residuals + [ck] * with_qg,
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm_state)),
                    jax.ShapeDtypeStruct((B, Tp, H, V), f32),
                    jax.ShapeDtypeStruct((B, Tp, H, C), _operand_dtype(cfg.mm)),
                    jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm_state))]
         + [jax.ShapeDtypeStruct((B, Tp, H, C), f32)] * 2 * residuals
-        + [jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm))] * extra_qg,
+        + [jax.ShapeDtypeStruct((B, Tp, H, K), _operand_dtype(cfg.mm))] * with_qg,
         name="kda_intra_fwd", **_params(cfg, cfg.warps_intra),
     )(q, k, v, G, beta, run, fs, ls, d)
 
@@ -598,58 +576,27 @@ def _seq_specs(Tp, K, C, bv):
     )
 
 
-def _state_fwd(G, fs, w, u, kd, s0, cfg):
-    """Per-chunk entering states h, v_new and the final state (sequential over chunks)."""
+def _state_out_fwd(G, fs, w, u, kd, qg, p, s0, cfg, out_dtype, residuals=False):
+    """o and the final state, and with `residuals` the per-chunk entering states h and v_new
+    (sequential over chunks, `_state_out_fwd_kernel`)."""
     B, Tp, H, K = G.shape
     V = u.shape[-1]
     C, bv = cfg.C, min(cfg.bv_state, V)
     NT = Tp // C
     sp = _seq_specs(Tp, K, C, bv)
-    kern = functools.partial(_state_fwd_kernel, C=C, NT=NT, seg=cfg.seg, mm=cfg.mm_state)
-    f32 = jnp.float32
-    return pl.pallas_call(
-        kern, grid=(B, H, V // bv),
-        in_specs=[sp["k"], sp["m"], sp["k"], sp["v"], sp["k"], sp["s"]],
-        out_specs=[sp["h"], sp["v"], sp["s"]],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), _operand_dtype(cfg.mm)),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), _operand_dtype(cfg.mm)),
-                   jax.ShapeDtypeStruct((B, H, K, V), f32)],
-        name="kda_state_fwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
-    )(G, fs, w, u, kd, s0)
-
-
-def _state_out_fwd(G, fs, w, u, kd, qg, p, s0, cfg, out_dtype):
-    """The prefill's output and final state (sequential over chunks, `_state_out_fwd_kernel`)."""
-    B, Tp, H, K = G.shape
-    V = u.shape[-1]
-    C, bv = cfg.C, min(cfg.bv_state, V)
-    sp = _seq_specs(Tp, K, C, bv)
     pairs = pl.BlockSpec((None, Tp, None, C), lambda b, h, j: (b, 0, h, 0))
-    kern = functools.partial(_state_out_fwd_kernel, C=C, NT=Tp // C, seg=cfg.seg,
+    kern = functools.partial(_state_out_fwd_kernel, C=C, NT=NT, seg=cfg.seg,
                              mm_state=cfg.mm_state, mm=cfg.mm)
     return pl.pallas_call(
         kern, grid=(B, H, V // bv),
         in_specs=[sp["k"], sp["m"], sp["k"], sp["v"], sp["k"], sp["k"], pairs, sp["s"]],
-        out_specs=[sp["v"], sp["s"]],
+        out_specs=[sp["v"], sp["s"]] + [sp["h"], sp["v"]] * residuals,
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
-                   jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+                   jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)]
+        + [jax.ShapeDtypeStruct((B, H, NT, K, V), _operand_dtype(cfg.mm)),
+           jax.ShapeDtypeStruct((B, Tp, H, V), _operand_dtype(cfg.mm))] * residuals,
         name="kda_state_out_fwd", **_params(cfg, cfg.warps_state, cfg.stages_state),
     )(G, fs, w, u, kd, qg, p, s0)
-
-
-def _out_fwd(q, G, fs, p, h, vn, cfg, out_dtype):
-    B, Tp, H, K = q.shape
-    V = vn.shape[-1]
-    C = cfg.C
-    ck, cv, cp, _, cm = _chunk_specs(C, K, V)
-    ch = _chunk_state_spec(K, V)
-    return pl.pallas_call(
-        functools.partial(_out_fwd_kernel, seg=cfg.seg, mm=cfg.mm),
-        grid=(B, H, Tp // C),
-        in_specs=[ck, ck, cm, cp, ch, cv], out_specs=cv,
-        out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
-        name="kda_out_fwd", **_params(cfg, cfg.warps_intra),
-    )(q, G, fs, p, h, vn)
 
 
 def _intra_prep_bwd(q, k, G, beta, fs, ls, M, P, do, cfg):
@@ -753,9 +700,8 @@ def _kda_core(q, k, v, G, beta, s0, run, fs, ls, cfg):
 
 def _kda_core_fwd(q, k, v, G, beta, s0, run, fs, ls, cfg):
     d = _diag_pairs(q, k, G, cfg)
-    w, u, p, kd, M, A = _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg)
-    h, vn, sT = _state_fwd(G, fs, w, u, kd, s0, cfg)
-    o = _out_fwd(q, G, fs, p, h, vn, cfg, v.dtype)
+    w, u, p, kd, M, A, qg = _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, with_qg=True)
+    o, sT, h, vn = _state_out_fwd(G, fs, w, u, kd, qg, p, s0, cfg, v.dtype, residuals=True)
     return (o, sT), (q, k, v, G, beta, run, fs, ls, h, vn, p, M, A)
 
 
@@ -784,7 +730,7 @@ _kda_core.defvjp(_kda_core_fwd, _kda_core_bwd)
 def _state_tile(programs_per_tile, V, widths=(64, 32, 16)):
     """The widest V tile whose state-kernel grid still covers the multiprocessors: the chunk
     loop is sequential, so at B*H = 16 a 64-wide tile leaves three quarters of an H100/H200
-    idle (1x128K: state_fwd 13.9 ms at 64, 10.3 ms at 16)."""
+    idle (1x128K, the state kernel before the output joined it: 13.9 ms at 64, 10.3 ms at 16)."""
     sms = multiprocessor_count()
     for w in widths:
         if programs_per_tile * max(V // w, 1) >= sms:
