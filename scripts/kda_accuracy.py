@@ -53,8 +53,7 @@ def errors(kernel_kw, *, B=1, T=4096, H=2, K=128, V=128, chunk_size=64, segments
         (_, (o_r, s_r)), g_r = grads(chunk_kda_reference, *(x.astype(jnp.float32) for x in args))
     kernel = functools.partial(chunk_kda_gpu, **kernel_kw)
     (_, (o, s)), g_o = grads(kernel, *args)
-    # Not differentiated (a prefill): the fused state-and-output kernel instead of the
-    # training forward's state and output kernels.
+    # Not differentiated (a prefill): the forward that keeps nothing for a backward pass.
     o_p, s_p = jax.jit(lambda *a: kernel(*a[:5], initial_state=a[5], output_final_state=True,
                                          segment_ids=seg, use_qk_l2norm_in_kernel=True,
                                          chunk_size=chunk_size))(*args)

@@ -690,9 +690,8 @@ def _intra_bwd_channels(q, k, G, fs, ls, dA, dP, do, vn, dv, h, dh, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
 def _kda_core(q, k, v, G, beta, s0, run, fs, ls, cfg):
-    # Not differentiated (prefill, evaluation): nothing is kept for a backward pass, so the
-    # state and output kernels run as one and neither M, A, the per-chunk states nor v_new
-    # go to memory.
+    # Not differentiated (prefill, evaluation): nothing is kept for a backward pass, so neither
+    # M, A, the per-chunk states nor v_new go to memory.
     d = _diag_pairs(q, k, G, cfg)
     w, u, p, kd, qg = _intra_fwd(q, k, v, G, beta, run, fs, ls, d, cfg, residuals=False, with_qg=True)
     return _state_out_fwd(G, fs, w, u, kd, qg, p, s0, cfg, v.dtype)

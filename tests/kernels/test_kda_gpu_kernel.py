@@ -56,7 +56,7 @@ def test_kernel_forward_and_gradients_match_token_oracle(B, T, H, K, V, C, g_min
         lambda *a, **k: chunk_kda_gpu(*a, interpret=True, chunk_size=C, **tiles, **k),
         x, s0, seg, w, ws)
     o_r, sT_r, grads_r = _loss_and_grads(recurrent_kda_reference, x, s0, seg, w, ws)
-    # Not differentiated (a prefill): the fused state-and-output kernel.
+    # Not differentiated (a prefill): the forward that keeps nothing for a backward pass.
     o_p, sT_p = chunk_kda_gpu(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=s0,
                               output_final_state=True, segment_ids=seg, use_qk_l2norm_in_kernel=True,
                               scale=0.2, interpret=True, chunk_size=C, **tiles)
