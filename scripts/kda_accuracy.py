@@ -42,10 +42,13 @@ def errors(kernel_kw, *, B=1, T=4096, H=2, K=128, V=128, chunk_size=64, segments
     """{output, final state, each gradient: RMS-relative error}; inf where the kernel's is not finite."""
     args, seg, (w, ws) = inputs(B, T, H, K, V, segments, seed)
 
+    def run(fn, *a):  # (o, final state)
+        return fn(*a[:5], initial_state=a[5], output_final_state=True, segment_ids=seg,
+                  use_qk_l2norm_in_kernel=True, chunk_size=chunk_size)
+
     def grads(fn, *a):
         def loss(*a):
-            o, sT = fn(*a[:5], initial_state=a[5], output_final_state=True, segment_ids=seg,
-                       use_qk_l2norm_in_kernel=True, chunk_size=chunk_size)
+            o, sT = run(fn, *a)
             return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(sT * ws), (o, sT)
         return jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))(*a)
 
@@ -54,9 +57,7 @@ def errors(kernel_kw, *, B=1, T=4096, H=2, K=128, V=128, chunk_size=64, segments
     kernel = functools.partial(chunk_kda_gpu, **kernel_kw)
     (_, (o, s)), g_o = grads(kernel, *args)
     # Not differentiated (a prefill): the forward that keeps nothing for a backward pass.
-    o_p, s_p = jax.jit(lambda *a: kernel(*a[:5], initial_state=a[5], output_final_state=True,
-                                         segment_ids=seg, use_qk_l2norm_in_kernel=True,
-                                         chunk_size=chunk_size))(*args)
+    o_p, s_p = jax.jit(functools.partial(run, kernel))(*args)
     out = {"o": rms_rel(o, o_r), "final_state": rms_rel(s, s_r),
            "o_prefill": rms_rel(o_p, o_r), "final_state_prefill": rms_rel(s_p, s_r)}
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "ds0"), g_o, g_r, strict=True):

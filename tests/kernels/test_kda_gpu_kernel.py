@@ -1,5 +1,7 @@
 """KDA Pallas (Triton) kernels on CPU: interpret mode vs the token oracle, CUDA lowering."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,10 +29,14 @@ CASES = [  # B, T, H, K, V, chunk, g_min, initial state, segments, beta, kernel 
 ]
 
 
+def _run(fn, q, k, v, g, beta, s, seg):  # (o, final state)
+    return fn(q, k, v, g, beta, initial_state=s, output_final_state=True, segment_ids=seg,
+              use_qk_l2norm_in_kernel=True, scale=0.2)
+
+
 def _loss_and_grads(fn, x, s0, seg, w, ws):
     def loss(q, k, v, g, beta, s):
-        o, sT = fn(q, k, v, g, beta, initial_state=s, output_final_state=True,
-                   segment_ids=seg, use_qk_l2norm_in_kernel=True, scale=0.2)
+        o, sT = _run(fn, q, k, v, g, beta, s, seg)
         return jnp.sum(o * w) + jnp.sum(sT * ws), (o, sT)
 
     args = (x["q"], x["k"], x["v"], x["g"], x["beta"], s0)
@@ -52,14 +58,11 @@ def test_kernel_forward_and_gradients_match_token_oracle(B, T, H, K, V, C, g_min
     ws = jax.random.normal(kw[1], (B, H, K, V))
     # Pallas interpret mode fills every output with NaN before the kernel runs, so any
     # tile the kernel leaves unwritten would show up below (see the poison test).
-    o, sT, grads = _loss_and_grads(
-        lambda *a, **k: chunk_kda_gpu(*a, interpret=True, chunk_size=C, **tiles, **k),
-        x, s0, seg, w, ws)
+    kernel = functools.partial(chunk_kda_gpu, interpret=True, chunk_size=C, **tiles)
+    o, sT, grads = _loss_and_grads(kernel, x, s0, seg, w, ws)
     o_r, sT_r, grads_r = _loss_and_grads(recurrent_kda_reference, x, s0, seg, w, ws)
     # Not differentiated (a prefill): the forward that keeps nothing for a backward pass.
-    o_p, sT_p = chunk_kda_gpu(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=s0,
-                              output_final_state=True, segment_ids=seg, use_qk_l2norm_in_kernel=True,
-                              scale=0.2, interpret=True, chunk_size=C, **tiles)
+    o_p, sT_p = _run(kernel, x["q"], x["k"], x["v"], x["g"], x["beta"], s0, seg)
     for out in (o, sT, o_p, sT_p):
         assert np.isfinite(np.asarray(out)).all()
     assert rms_rel(o, o_r) <= 1e-5 and rms_rel(o_p, o_r) <= 1e-5
